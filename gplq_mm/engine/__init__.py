@@ -1,0 +1,9 @@
+"""OpenMMLab engine pieces: hooks and checkpoint safety."""
+from .hooks import GPLQCalibrationHook, GPLQSafeCheckpointHook
+from .safe_checkpoint import (UnsafeCheckpointError, from_safe,
+                              load_checkpoint_file, to_safe)
+
+__all__ = [
+    'GPLQCalibrationHook', 'GPLQSafeCheckpointHook', 'UnsafeCheckpointError',
+    'from_safe', 'load_checkpoint_file', 'to_safe'
+]

@@ -1,0 +1,212 @@
+"""Stage-1 calibration: initialise activation scales and the PCA teacher."""
+import copy
+import time
+from typing import Optional
+
+import torch
+from mmengine.dataset import DefaultSampler
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from torch.utils.data import DataLoader
+
+from gplq_mm.models.gplq_model import GPLQModel
+from .safe_checkpoint_hook import GPLQSafeCheckpointHook
+from gplq_mm.models.mimic import PCAAccumulator, pool_feature
+from gplq_mm.quant import QConv2d, QLinear, QState
+
+TEACHER_KEY = 'gplq_teacher'
+
+
+def unwrap(model) -> GPLQModel:
+    model = model.module if is_model_wrapper(model) else model
+    if not isinstance(model, GPLQModel):
+        raise TypeError(
+            'GPLQCalibrationHook needs model=dict(type="GPLQModel", ...) in the '
+            f'config, got {type(model).__name__}. See configs/gplq/ for '
+            'examples.')
+    return model
+
+
+def make_teacher(model: GPLQModel) -> torch.nn.Module:
+    """Frozen FP32 copy of the wrapped model: quantizers off, weights float."""
+    teacher = copy.deepcopy(model.model)
+    for m in teacher.modules():
+        if hasattr(m, 'set_state') and hasattr(m, 'observer'):
+            m.set_state(QState.OFF)
+        if isinstance(m, (QLinear, QConv2d)):
+            m.weight_quant = None
+    return teacher
+
+
+def calibration_loader(runner) -> DataLoader:
+    """A fresh loader over the training set for calibration.
+
+    Iterating ``runner.train_dataloader`` itself would leave items in the
+    buckets of mmdet's ``AspectRatioBatchSampler`` and change the first
+    training epoch; this loader has its own seeded ``DefaultSampler`` (rank
+    sharded under DDP) and the same dataset, batch size and collate function.
+    """
+    src = runner.train_dataloader
+    batch_size = src.batch_size or runner.cfg.train_dataloader.batch_size
+    sampler = DefaultSampler(src.dataset, shuffle=True, seed=runner.seed)
+    return DataLoader(src.dataset, batch_size=batch_size, sampler=sampler,
+                      num_workers=src.num_workers, collate_fn=src.collate_fn)
+
+
+@HOOKS.register_module()
+class GPLQCalibrationHook(Hook):
+    """Calibrate activation scales (and fit the PCA teacher) in ``before_train``.
+
+    Runs after ``load_from`` has put the FP32 weights in place (mmengine loads
+    checkpoints after ``before_run`` hooks, before ``before_train``).  Scales
+    are initialised from ``num_batches`` training batches: min-max for
+    per-channel quantizers, percentiles for per-token ones (as configured per
+    quantizer), all-reduced across ranks.  If the scales were loaded from a
+    checkpoint (resume, or a W32A4 start), nothing is recalibrated.  At test
+    time this hook does nothing: scales come only from the checkpoint.
+
+    With ``mimic`` enabled in the model, the teacher (frozen FP32 copy) and
+    the PCA basis of its features are built from the same batches, and are
+    saved in / restored from checkpoints (key ``gplq_teacher``) for resume.
+
+    Args:
+        num_batches: Training batches for scale calibration.
+        log_interval: Log progress every this many batches.
+    """
+
+    priority = 'HIGH'  # before EMA & co. snapshot the model in before_train
+
+    def __init__(self, num_batches: int = 16, log_interval: int = 4):
+        if num_batches < 1:
+            raise ValueError(f'GPLQCalibrationHook(num_batches={num_batches}): '
+                             'calibration needs at least one batch.')
+        self.num_batches = num_batches
+        self.log_interval = max(1, log_interval)
+        self._restored_teacher: Optional[dict] = None
+
+    # -- checkpoint plumbing (resume) ----------------------------------------
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = unwrap(runner.model)
+        if model.teacher is not None:
+            mean, comps = model.pca
+            checkpoint[TEACHER_KEY] = dict(
+                state_dict=model.teacher.state_dict(), pca_mean=mean.cpu(),
+                pca_components=comps.cpu())
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if TEACHER_KEY in checkpoint:
+            self._restored_teacher = checkpoint[TEACHER_KEY]
+
+    # -- calibration ---------------------------------------------------------
+    def before_train(self, runner) -> None:
+        model = unwrap(runner.model)
+        logger = runner.logger
+        if not any(isinstance(h, GPLQSafeCheckpointHook) for h in runner.hooks):
+            # else the stock test.py (torch>=2.6, weights_only=True) cannot
+            # read the checkpoints this run is about to write
+            raise RuntimeError(
+                'Add dict(type="GPLQSafeCheckpointHook") to custom_hooks: '
+                'without it the checkpoints of this run hold mmengine objects '
+                'that torch.load(weights_only=True) in tools/test.py refuses.')
+        if model.all_calibrated():
+            logger.info('GPLQ: activation scales were loaded from the '
+                        'checkpoint; skipping calibration.')
+            need_scales = False
+        else:
+            need_scales = True
+        need_pca = model.mimic_on and model.teacher is None
+        if need_pca and self._restored_teacher is not None:
+            saved = self._restored_teacher
+            teacher = make_teacher(model)
+            teacher.load_state_dict(saved['state_dict'])
+            model.set_teacher(teacher, saved['pca_mean'], saved['pca_components'])
+            logger.info('GPLQ: restored the FP32 teacher and PCA basis '
+                        f'(k={saved["pca_components"].shape[1]}) from the '
+                        'checkpoint.')
+            need_pca = False
+        if need_scales or need_pca:
+            self._run(runner, model, need_scales, need_pca)
+
+    @torch.no_grad()
+    def _run(self, runner, model: GPLQModel, need_scales: bool,
+             need_pca: bool) -> None:
+        logger = runner.logger
+        n_scale = self.num_batches if need_scales else 0
+        n_pca = model.mimic_cfg.num_batches if need_pca else 0
+        total = max(n_scale, n_pca)
+        teacher = make_teacher(model) if need_pca else None
+        if need_scales:
+            model.set_quant_state(QState.CALIBRATING)
+            for _, wq in model.weight_quantizers():
+                wq.initialized.fill_(False)  # (re)search on the loaded weights
+        else:
+            model.set_quant_state(QState.OFF)
+        feats, acc = {}, None
+        hook = model._capture(model.feature_module(), feats, 'f') \
+            if need_pca else None
+        was_training = model.training
+        model.eval()
+        t0 = time.time()
+        seen = 0
+        logger.info(f'GPLQ calibration: {n_scale} batches for activation '
+                    f'scales, {n_pca} for the PCA teacher basis.')
+        try:
+            for i, data in enumerate(calibration_loader(runner)):
+                if i >= total:
+                    break
+                if need_scales and i == n_scale:
+                    model.set_quant_state(QState.OFF)  # PCA batches only
+                data = model.data_preprocessor(data, False)
+                model(**data, mode='tensor')
+                if need_pca:
+                    f = pool_feature(feats.pop('f'))
+                    if acc is None:
+                        acc = PCAAccumulator(f.shape[1])
+                    acc.update(f)
+                seen = i + 1
+                if seen % self.log_interval == 0 or seen == total:
+                    logger.info(f'GPLQ calibration: batch {seen}/{total} '
+                                f'({time.time() - t0:.1f}s)')
+        finally:
+            if hook is not None:
+                hook.remove()
+        if seen < total:
+            logger.warning(f'GPLQ calibration: the train dataloader had only '
+                           f'{seen} batches (asked for {total}).')
+        if seen == 0:
+            raise RuntimeError('GPLQ calibration saw no batch: the training '
+                               'dataloader is empty.')
+        if need_scales:
+            # weight quantizers (direct-QAT baseline) searched their scales
+            # on the first forward above, from the loaded weights
+            for _, q in model.act_quantizers():
+                if q.observer is not None:
+                    q.finish_calibration()
+            model.set_quant_state(QState.LEARNING)
+            self._log_scales(model, logger)
+        else:
+            model.set_quant_state(QState.LEARNING)
+        if need_pca:
+            acc.all_reduce()
+            mean, comps, share = acc.basis(model.mimic_cfg.var_ratio,
+                                           model.mimic_cfg.multiple)
+            model.set_teacher(teacher, mean, comps)
+            logger.info(f'GPLQ mimic: PCA on {acc.n} teacher features of dim '
+                        f'{acc.dim}: k={comps.shape[1]} components explain '
+                        f'{100 * share:.1f}% of the variance.')
+        model.train(was_training)
+        logger.info(f'GPLQ calibration done in {time.time() - t0:.1f}s.')
+
+    @staticmethod
+    def _log_scales(model: GPLQModel, logger) -> None:
+        scales = torch.cat([q.scale.detach().flatten()
+                            for _, q in model.act_quantizers()])
+        bad = int((~torch.isfinite(scales) | (scales <= 0)).sum())
+        if bad:
+            raise RuntimeError(f'GPLQ calibration produced {bad} non-finite or '
+                               'non-positive scales; check the input data.')
+        n = sum(1 for _ in model.act_quantizers())
+        logger.info(f'GPLQ: calibrated {n} activation quantizers '
+                    f'({scales.numel()} scales; min {scales.min():.3g}, '
+                    f'median {scales.median():.3g}, max {scales.max():.3g}).')

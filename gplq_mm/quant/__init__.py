@@ -1,0 +1,26 @@
+"""Quantization core: pure functions, observers, thin modules, QwT.
+
+Imports torch only (no mm* package), so it can be used and tested alone.
+"""
+from .config import QuantConfig, WeightQuantConfig
+from .functional import (choose_qparams, fake_quantize, fake_quantize_log2,
+                         fake_quantize_lsq, log2_dequantize, log2_quantize,
+                         lsq_linear, pack_int4, quantize, search_weight_scale,
+                         unpack_int4)
+from .modules import (IntQConv2d, IntQLinear, QConv2d, QLinear,
+                      fold_and_quantize_weight, to_integer)
+from .observers import MinMaxObserver, PercentileObserver, build_observer
+from .quantizer import (ActQuantizer, QState, WeightQuantizer,
+                        iter_act_quantizers, set_act_state)
+from .qwt import QwTFit, QwTSums, fit_qwt, solve_ridge
+
+__all__ = [
+    'QuantConfig', 'WeightQuantConfig', 'choose_qparams', 'fake_quantize',
+    'fake_quantize_lsq', 'fake_quantize_log2', 'log2_quantize',
+    'log2_dequantize', 'lsq_linear', 'quantize', 'search_weight_scale',
+    'pack_int4', 'unpack_int4', 'QLinear', 'QConv2d', 'IntQLinear',
+    'IntQConv2d', 'fold_and_quantize_weight', 'to_integer', 'MinMaxObserver',
+    'PercentileObserver', 'build_observer', 'ActQuantizer', 'QState',
+    'WeightQuantizer', 'iter_act_quantizers', 'set_act_state', 'QwTSums',
+    'QwTFit', 'fit_qwt', 'solve_ridge'
+]

@@ -1,0 +1,147 @@
+"""Small, self-validating quantizer configs (no mm* imports)."""
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Tuple
+
+GRANULARITIES = ('per_tensor', 'per_channel', 'per_token')
+OBSERVERS = ('minmax', 'percentile')
+KINDS = ('uniform', 'log2')
+
+
+@dataclass
+class QuantConfig:
+    """How one tensor is fake-quantized.
+
+    Args:
+        bits: Bit width, 2 to 8.
+        granularity: ``per_tensor``, ``per_channel`` (one scale per entry of
+            ``axis``, by default the last axis, i.e. the input channels of a
+            Linear) or ``per_token`` (one scale per token position, axis -2 of a
+            ``[..., N, C]`` tensor; the token count is fixed per module, e.g. a
+            Swin window or a ViT sequence).
+        axis: Axis that carries the scales. ``None`` picks the default of the
+            granularity (-1 per channel, -2 per token).
+        signed: Symmetric signed grid ``[-2^(b-1), 2^(b-1)-1]``; ``False`` gives
+            the unsigned grid ``[0, 2^b-1]`` (e.g. post-softmax, post-GELU).
+        kind: ``uniform`` or ``log2`` (RepQ-ViT's log-sqrt2 quantizer, for
+            post-softmax values in [0, 1]; unsigned, not learnable).
+        observer: Calibration statistic: ``minmax`` or ``percentile``.
+        percentile: (low, high) percentiles for the ``percentile`` observer.
+        learnable: Learn the scale with LSQ during training.
+        bins: Histogram bins of the percentile observer (a power of two; the
+            histogram spans a power-of-two range so that streaming and
+            one-shot calibration bin every value identically).
+    """
+
+    bits: int = 4
+    granularity: str = 'per_channel'
+    axis: Optional[int] = None
+    signed: bool = True
+    kind: str = 'uniform'
+    observer: str = 'minmax'
+    percentile: Tuple[float, float] = (1.0, 99.0)
+    learnable: bool = True
+    bins: int = 2048
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
+                or not 2 <= self.bits <= 8:
+            raise ValueError(
+                f'bits={self.bits!r} is not supported: use an integer from 2 '
+                'to 8 (e.g. bits=4 for W4A4, 8 for the patch embedding).')
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f'granularity={self.granularity!r} is unknown: '
+                             f'choose one of {GRANULARITIES}.')
+        if self.observer not in OBSERVERS:
+            raise ValueError(f'observer={self.observer!r} is unknown: '
+                             f'choose one of {OBSERVERS}.')
+        if self.kind not in KINDS:
+            raise ValueError(
+                f'kind={self.kind!r} is unknown: choose one of {KINDS}.')
+        if self.kind == 'log2':
+            if self.signed:
+                raise ValueError('kind="log2" quantizes non-negative values '
+                                 '(post-softmax): set signed=False.')
+            if self.learnable:
+                raise ValueError('kind="log2" has a fixed scale: set '
+                                 'learnable=False (or use kind="uniform").')
+        self.percentile = tuple(float(p) for p in self.percentile)
+        if len(self.percentile) != 2 or \
+                not 0.0 <= self.percentile[0] < self.percentile[1] <= 100.0:
+            raise ValueError(
+                f'percentile={self.percentile} must satisfy 0 <= low < high '
+                '<= 100, e.g. (1.0, 99.0).')
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) \
+                or self.bins < 8 or self.bins & (self.bins - 1):
+            raise ValueError(f'bins={self.bins} must be a power of two >= 8 '
+                             '(the histogram is rebinned by doubling).')
+        if self.granularity == 'per_tensor':
+            self.axis = None
+        elif self.axis is None:
+            self.axis = -1 if self.granularity == 'per_channel' else -2
+
+    @property
+    def qmin(self) -> int:
+        return -(2**(self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2**(self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``A4 per_channel(-1) minmax``."""
+        where = self.granularity if self.axis is None \
+            else f'{self.granularity}({self.axis})'
+        kind = '' if self.kind == 'uniform' else f' {self.kind}'
+        sign = '' if self.signed else ' unsigned'
+        return f'{self.bits}b {where}{kind}{sign} {self.observer}'
+
+
+@dataclass
+class WeightQuantConfig:
+    """Per-output-channel symmetric weight quantization (stage 2, baselines).
+
+    Args:
+        bits: Bit width, 2 to 8.
+        axis: Output-channel axis of the weight (0 for Linear and Conv2d).
+        search: Clipping search: ``mse`` tries ``num_candidates`` clipping
+            ratios in ``[min_ratio, 1]`` of each channel's abs-max and keeps the
+            one with the smallest squared reconstruction error; ``minmax`` uses
+            the abs-max directly.
+        learnable: Learn the scale with LSQ (direct W4A4 QAT baseline).
+    """
+
+    bits: int = 4
+    axis: int = 0
+    search: str = 'mse'
+    min_ratio: float = 0.5
+    num_candidates: int = 51
+    learnable: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
+                or not 2 <= self.bits <= 8:
+            raise ValueError(
+                f'weight bits={self.bits!r} is not supported: use an integer '
+                'from 2 to 8.')
+        if self.search not in ('mse', 'minmax'):
+            raise ValueError(f'search={self.search!r} is unknown: use "mse" '
+                             'or "minmax".')
+        if not 0.0 < self.min_ratio <= 1.0 or self.num_candidates < 1:
+            raise ValueError('min_ratio must be in (0, 1] and num_candidates '
+                             f'>= 1, got {self.min_ratio}, '
+                             f'{self.num_candidates}.')
+
+    @property
+    def qmin(self) -> int:
+        return -(2**(self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2**(self.bits - 1) - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)

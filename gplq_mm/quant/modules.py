@@ -1,0 +1,316 @@
+"""Quantized Linear / Conv2d modules.
+
+* :class:`QLinear`, :class:`QConv2d`: FP32 weights (optionally fake-quantized
+  by a :class:`WeightQuantizer`) with a fake-quantized input.  Stage 1
+  (Act-QAT, W32A4) and the direct-W4A4-QAT baseline.
+* :class:`IntQLinear`, :class:`IntQConv2d`: the deployable W4A4 form written by
+  stage 2.  The input's per-channel activation scale ``s`` is folded into the
+  weight (``W' = W diag(s)``), ``W'`` is quantized per output channel to codes
+  ``Wc`` with scale ``d``, and ``y = d * (Xc @ Wc^T) + b`` where ``Xc`` are the
+  activation codes: an integer GEMM (simulated in float, exactly, since the
+  sums stay far below 2^24) followed by one per-output-channel rescale.
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as QF
+from .config import QuantConfig, WeightQuantConfig
+from .quantizer import ActQuantizer, QState, WeightQuantizer
+
+
+def _act_channels(cfg: QuantConfig, in_channels: int) -> int:
+    return in_channels if cfg.granularity == 'per_channel' else 1
+
+
+class QLinear(nn.Linear):
+    """``nn.Linear`` whose input (and optionally weight) is fake-quantized.
+
+    Parameter names are those of ``nn.Linear`` (``weight``, ``bias``), so FP32
+    checkpoints load unchanged; the quantizer adds ``act_quant.scale`` and
+    ``act_quant.initialized`` (and ``weight_quant.*``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 act_cfg: Optional[QuantConfig] = None,
+                 weight_cfg: Optional[WeightQuantConfig] = None, name: str = '',
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device,
+                         dtype=dtype)
+        if act_cfg is not None and act_cfg.granularity == 'per_token':
+            raise ValueError(f'{name}: a Linear input is quantized per_channel '
+                             'or per_tensor, not per_token.')
+        self.act_quant = None if act_cfg is None else ActQuantizer(
+            act_cfg, _act_channels(act_cfg, in_features), f'{name}.act_quant')
+        self.weight_quant = None if weight_cfg is None else WeightQuantizer(
+            weight_cfg, out_features, f'{name}.weight_quant')
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, act_cfg: Optional[QuantConfig],
+                   weight_cfg: Optional[WeightQuantConfig] = None,
+                   name: str = '') -> 'QLinear':
+        """Wrap ``mod``, sharing its parameter objects (no copy)."""
+        q = cls(mod.in_features, mod.out_features, mod.bias is not None,
+                act_cfg, weight_cfg, name, device='meta')
+        q.weight = mod.weight
+        q.bias = mod.bias
+        q.to(mod.weight.device)
+        q.train(mod.training)
+        return q
+
+    def to_float(self) -> nn.Linear:
+        m = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                      device='meta')
+        m.weight, m.bias = self.weight, self.bias
+        m.train(self.training)
+        return m
+
+    def quantized_weight(self) -> Tensor:
+        if self.weight_quant is None:
+            return self.weight
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.quantized_weight()
+        aq = self.act_quant
+        if aq is not None and aq.state in (QState.LEARNING, QState.FROZEN) \
+                and aq.cfg.kind == 'uniform':
+            aq.check_ready(x)
+            s = aq.effective_scale(1)  # [C] or scalar: broadcasts on last axis
+            return QF.lsq_linear(x, s, w, self.bias, aq.cfg.qmin, aq.cfg.qmax)
+        if aq is not None:
+            x = aq(x)
+        return F.linear(x, w, self.bias)
+
+
+class QConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose input (per input channel, axis 1) is fake-quantized."""
+
+    def __init__(self, *args, act_cfg: Optional[QuantConfig] = None,
+                 weight_cfg: Optional[WeightQuantConfig] = None, name: str = '',
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if act_cfg is not None:
+            if act_cfg.granularity == 'per_token':
+                raise ValueError(f'{name}: a Conv2d input is quantized '
+                                 'per_channel or per_tensor, not per_token.')
+            if act_cfg.granularity == 'per_channel':
+                act_cfg = dataclasses.replace(act_cfg, axis=1)
+        self.act_quant = None if act_cfg is None else ActQuantizer(
+            act_cfg, _act_channels(act_cfg, self.in_channels),
+            f'{name}.act_quant')
+        self.weight_quant = None if weight_cfg is None else WeightQuantizer(
+            weight_cfg, self.out_channels, f'{name}.weight_quant')
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, act_cfg: Optional[QuantConfig],
+                   weight_cfg: Optional[WeightQuantConfig] = None,
+                   name: str = '') -> 'QConv2d':
+        q = cls(mod.in_channels, mod.out_channels, mod.kernel_size,
+                stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
+                groups=mod.groups, bias=mod.bias is not None,
+                padding_mode=mod.padding_mode, act_cfg=act_cfg,
+                weight_cfg=weight_cfg, name=name, device='meta')
+        q.weight = mod.weight
+        q.bias = mod.bias
+        q.to(mod.weight.device)  # the quantizers' scales follow the weight
+        q.train(mod.training)
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                      stride=self.stride, padding=self.padding,
+                      dilation=self.dilation, groups=self.groups,
+                      bias=self.bias is not None, padding_mode=self.padding_mode,
+                      device='meta')
+        m.weight, m.bias = self.weight, self.bias
+        m.train(self.training)
+        return m
+
+    def quantized_weight(self) -> Tensor:
+        if self.weight_quant is None:
+            return self.weight
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+def _input_scale_for_weight(act_scale: Tensor, weight_shape) -> Tensor:
+    """``act_scale`` laid out to broadcast against an ``[out, in/groups, ...]``
+    weight: scalar for per-tensor, else entry ``[o, j]`` is the scale of input
+    channel ``g(o) * in/groups + j`` (``g(o)``: group of output channel o).
+    """
+    s = act_scale.reshape(-1)
+    if s.numel() == 1:
+        return s.reshape([1] * len(weight_shape))
+    out, cin_g = weight_shape[0], weight_shape[1]
+    groups = s.numel() // cin_g
+    if groups * cin_g != s.numel() or out % groups:
+        raise ValueError(f'activation scale of {s.numel()} channels does not '
+                         f'match a weight of shape {tuple(weight_shape)}.')
+    s = s.reshape(groups, 1, cin_g).expand(groups, out // groups, cin_g)
+    return s.reshape([out, cin_g] + [1] * (len(weight_shape) - 2))
+
+
+def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
+                             cfg: WeightQuantConfig):
+    """Fold the per-input-channel activation scale into ``weight`` and quantize.
+
+    Args:
+        weight: ``[out, in, ...]`` FP32 weight.
+        act_scale: ``[in]`` (or scalar) activation scale of the layer input
+            (all input channels; grouped convolutions are handled).
+        cfg: Weight quantizer config (per output channel, axis 0).
+
+    Returns:
+        ``(codes, scale)``: integer codes (float tensor, same shape as weight)
+        and the per-output-channel scale ``[out]`` of ``W' = W diag(s)``.
+    """
+    s = act_scale.detach().float().clamp_min(QF.MIN_SCALE)  # as in codes()
+    folded = weight.detach().float() * _input_scale_for_weight(s, weight.shape)
+    n = 1 if cfg.search == 'minmax' else cfg.num_candidates
+    scale = QF.search_weight_scale(folded, cfg.qmin, cfg.qmax, 0, cfg.min_ratio, n)
+    codes = QF.quantize(folded, QF.scale_view(scale, folded.ndim, 0), cfg.qmin,
+                        cfg.qmax)
+    return codes, scale
+
+
+class _IntWeightMixin:
+    """Packed int4 (or int8 for other bit widths) weight codes + scales."""
+
+    def _init_int_weight(self, shape, bits: int):
+        self.w_bits = bits
+        self.weight_shape = tuple(shape)
+        flat = int(torch.Size(shape[1:]).numel())
+        if bits <= 4:
+            packed = torch.zeros(shape[0], (flat + 1) // 2, dtype=torch.uint8)
+        else:
+            packed = torch.zeros(shape[0], flat, dtype=torch.int8)
+        self.register_buffer('weight_packed', packed)
+        self.register_buffer('weight_scale', torch.ones(shape[0]))
+
+    def set_weight_codes(self, codes: Tensor, scale: Tensor) -> None:
+        flat = codes.reshape(codes.shape[0], -1)
+        if self.w_bits <= 4:
+            self.weight_packed.copy_(QF.pack_int4(flat))
+        else:
+            self.weight_packed.copy_(flat.round().to(torch.int8))
+        self.weight_scale.copy_(scale.reshape(-1))
+
+    def weight_codes(self) -> Tensor:
+        flat = int(torch.Size(self.weight_shape[1:]).numel())
+        if self.w_bits <= 4:
+            c = QF.unpack_int4(self.weight_packed, flat)
+        else:
+            c = self.weight_packed
+        return c.float().reshape(self.weight_shape)
+
+    def dequantized_weight(self) -> Tensor:
+        """FP32 weight equivalent to the integer layer, in input units.
+
+        ``W_eff = d * Wc / s``: what a float layer on the *fake-quantized*
+        input must use to give the same output.
+        """
+        w = self.weight_codes() * QF.scale_view(self.weight_scale, len(
+            self.weight_shape), 0)
+        s = self.act_quant.scale.detach().clamp_min(QF.MIN_SCALE)
+        return w / _input_scale_for_weight(s, self.weight_shape)
+
+
+class IntQLinear(_IntWeightMixin, nn.Module):
+    """W4A4 Linear: ``y = d * (Xc @ Wc^T) + b`` (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 act_cfg: QuantConfig, w_bits: int = 4, name: str = ''):
+        super().__init__()
+        if act_cfg.granularity == 'per_token' or act_cfg.kind != 'uniform':
+            raise ValueError(f'{name}: integer layers need a uniform per-channel '
+                             'or per-tensor input quantizer.')
+        self.in_features, self.out_features = in_features, out_features
+        self.act_quant = ActQuantizer(act_cfg, _act_channels(act_cfg, in_features),
+                                      f'{name}.act_quant')
+        self.act_quant.set_state(QState.FROZEN)
+        self._init_int_weight((out_features, in_features), w_bits)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.act_quant.check_ready(x)
+        xc = self.act_quant.codes(x)
+        y = F.linear(xc, self.weight_codes()) * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f'in={self.in_features}, out={self.out_features}, ' \
+               f'W{self.w_bits}A{self.act_quant.cfg.bits}'
+
+
+class IntQConv2d(_IntWeightMixin, nn.Module):
+    """W4A4 Conv2d: integer convolution of activation codes and weight codes."""
+
+    def __init__(self, conv: nn.Conv2d, act_cfg: QuantConfig, w_bits: int = 4,
+                 name: str = ''):
+        super().__init__()
+        if act_cfg.granularity == 'per_token' or act_cfg.kind != 'uniform':
+            raise ValueError(f'{name}: integer layers need a uniform per-channel '
+                             'or per-tensor input quantizer.')
+        if act_cfg.granularity == 'per_channel':
+            act_cfg = dataclasses.replace(act_cfg, axis=1)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        if conv.padding_mode != 'zeros':
+            raise ValueError(f'{name}: padding_mode={conv.padding_mode} is not '
+                             'supported by the integer conv.')
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.act_quant = ActQuantizer(
+            act_cfg, _act_channels(act_cfg, conv.in_channels), f'{name}.act_quant')
+        self.act_quant.set_state(QState.FROZEN)
+        self._init_int_weight(tuple(conv.weight.shape), w_bits)
+        self.bias = nn.Parameter(torch.zeros(conv.out_channels)) \
+            if conv.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.act_quant.check_ready(x)
+        xc = self.act_quant.codes(x)
+        y = F.conv2d(xc, self.weight_codes(), None, self.stride, self.padding,
+                     self.dilation, self.groups)
+        y = y * self.weight_scale.reshape(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f'{self.in_channels}->{self.out_channels}, ' \
+               f'W{self.w_bits}A{self.act_quant.cfg.bits}'
+
+
+def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = ''):
+    """Convert a calibrated :class:`QLinear`/:class:`QConv2d` to its integer form.
+
+    The activation quantizer (scale, state) is carried over; the weight is
+    folded with the activation scale and quantized per output channel.
+    """
+    aq = mod.act_quant
+    if aq is None or not bool(aq.initialized):
+        raise RuntimeError(f'{name}: the input quantizer must be calibrated '
+                           'before the weights are quantized (stage 1 first).')
+    if isinstance(mod, QLinear):
+        out = IntQLinear(mod.in_features, mod.out_features, mod.bias is not None,
+                         aq.cfg, w_cfg.bits, name)
+    elif isinstance(mod, QConv2d):
+        out = IntQConv2d(mod, aq.cfg, w_cfg.bits, name)
+    else:
+        raise TypeError(f'{name}: cannot convert {type(mod).__name__}')
+    out.act_quant.load_state_dict(aq.state_dict())
+    codes, scale = fold_and_quantize_weight(mod.weight, aq.scale, w_cfg)
+    out.set_weight_codes(codes, scale)
+    if mod.bias is not None:
+        out.bias.data.copy_(mod.bias.detach())
+    return out.to(mod.weight.device)

@@ -1,0 +1,183 @@
+"""Streaming calibration observers with memory independent of the batch count.
+
+Both observers keep per-row state, where a row is one scale entry (a channel,
+a token position, or the whole tensor).  Under ``torch.distributed`` call
+:meth:`sync` once after the last batch: statistics are all-reduced so every
+rank ends with the statistics of the union of all ranks' data.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .functional import percentile_from_histogram
+
+
+def rows(x: Tensor, axis: Optional[int]) -> Tensor:
+    """View ``x`` as ``[num_rows, M]`` with one row per scale entry."""
+    if axis is None:
+        return x.reshape(1, -1)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f'axis {axis} does not exist for a tensor of shape '
+                         f'{tuple(x.shape)}: choose an axis in '
+                         f'[{-x.ndim}, {x.ndim - 1}].')
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() \
+        and dist.get_world_size() > 1
+
+
+class _Observer:
+
+    def __init__(self, num_rows: int, axis: Optional[int], name: str = ''):
+        self.num_rows = num_rows
+        self.axis = axis
+        self.name = name or 'quantizer'
+        self.num_batches = 0
+
+    def _rows(self, x: Tensor) -> Tensor:
+        r = rows(x.detach(), self.axis)
+        if r.shape[0] != self.num_rows:
+            raise ValueError(
+                f'{self.name}: calibration input has {r.shape[0]} entries along '
+                f'axis {self.axis} (shape {tuple(x.shape)}) but the quantizer '
+                f'was built for {self.num_rows}. Per-token quantizers need a '
+                'fixed token count (same input size / window size as at build).')
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(
+                f'{self.name}: calibration input contains NaN or inf. Check the '
+                'data pipeline (corrupt images, normalisation with std=0) and '
+                'that the FP32 checkpoint loaded correctly.')
+        self.num_batches += 1
+        return r.float()
+
+    def _check_seen(self):
+        if self.num_batches == 0:
+            raise RuntimeError(
+                f'{self.name}: no calibration data was observed. Calibrate with '
+                'at least one batch (calib_batches >= 1) that reaches this '
+                'layer.')
+
+
+class MinMaxObserver(_Observer):
+    """Running per-row min and max."""
+
+    def __init__(self, num_rows: int, axis: Optional[int], name: str = ''):
+        super().__init__(num_rows, axis, name)
+        self.amin: Optional[Tensor] = None
+        self.amax: Optional[Tensor] = None
+
+    def update(self, x: Tensor) -> None:
+        r = self._rows(x)
+        lo, hi = r.amin(dim=1), r.amax(dim=1)
+        if self.amin is None:
+            self.amin, self.amax = lo, hi
+        else:
+            self.amin = torch.minimum(self.amin, lo)
+            self.amax = torch.maximum(self.amax, hi)
+
+    def sync(self) -> None:
+        if not _dist_on():
+            return
+        n = torch.tensor([self.num_batches], dtype=torch.float64)
+        dist.all_reduce(n)
+        if self.amin is None:  # this rank saw nothing: neutral elements
+            self.amin = torch.full((self.num_rows, ), float('inf'))
+            self.amax = torch.full((self.num_rows, ), float('-inf'))
+        dist.all_reduce(self.amin, op=dist.ReduceOp.MIN)
+        dist.all_reduce(self.amax, op=dist.ReduceOp.MAX)
+        self.num_batches = int(n.item())
+
+    def bounds(self):
+        """(low, high) per row."""
+        self._check_seen()
+        return self.amin, self.amax
+
+
+class PercentileObserver(_Observer):
+    """Per-row histogram over a power-of-two range ``[-R, R)``.
+
+    When data exceed the range, R doubles and pairs of bins merge; because R
+    is always a power of two, a value lands in the same final bin whether the
+    data arrive in one batch or many.  Memory: ``num_rows * bins`` floats.
+    Percentiles are exact to within one bin width (``2R / bins``).
+    """
+
+    def __init__(self, num_rows: int, axis: Optional[int], bins: int = 2048,
+                 percentile=(1.0, 99.0), name: str = ''):
+        super().__init__(num_rows, axis, name)
+        self.bins = bins
+        self.percentile = percentile
+        self.hist = torch.zeros(num_rows, bins, dtype=torch.float64)
+        self.exp = torch.full((num_rows, ), -126, dtype=torch.int64)  # R = 2^exp
+
+    @staticmethod
+    def _exp_for(absmax: Tensor) -> Tensor:
+        # smallest power of two strictly greater than absmax
+        e = torch.floor(torch.log2(absmax.double().clamp_min(2.0**-126))) + 1
+        return e.to(torch.int64)
+
+    def _grow(self, new_exp: Tensor) -> None:
+        """Raise R to ``2^new_exp`` per row, merging bins as if by doubling.
+
+        ``s`` doublings map bin ``i`` to ``floor((i - B/2) / 2^s) + B/2`` (the
+        composition of ``s`` pairwise merges); done in one scatter so the first
+        batch (from R = 2^-126) costs one pass, not one per doubling.
+        """
+        steps = (new_exp - self.exp).clamp_min(0)
+        sel = steps > 0
+        if bool(sel.any()):
+            b = self.bins
+            # beyond log2(b) + 1 doublings every bin lands in b/2 - 1 or b/2
+            s = steps[sel].clamp(max=b.bit_length())
+            i = torch.arange(b, dtype=torch.int64) - b // 2
+            new_idx = torch.div(i[None, :], (2**s)[:, None],
+                                rounding_mode='floor') + b // 2
+            h = self.hist[sel]
+            self.hist[sel] = torch.zeros_like(h).scatter_add_(1, new_idx, h)
+        self.exp = torch.maximum(self.exp, new_exp)
+
+    def update(self, x: Tensor) -> None:
+        r = self._rows(x).double()
+        self._grow(self._exp_for(r.abs().amax(dim=1)))
+        width = torch.pow(2.0, self.exp.double() + 1) / self.bins  # 2R / bins
+        # floor(v / w) is exact for power-of-two w; see the class docstring
+        idx = torch.floor(r / width[:, None]).long() + self.bins // 2
+        idx = idx.clamp_(0, self.bins - 1)
+        idx += torch.arange(self.num_rows)[:, None] * self.bins
+        self.hist.view(-1).index_add_(
+            0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
+
+    def sync(self) -> None:
+        if not _dist_on():
+            return
+        e = self.exp.clone()
+        dist.all_reduce(e, op=dist.ReduceOp.MAX)
+        self._grow(e)
+        dist.all_reduce(self.hist)
+        n = torch.tensor([self.num_batches], dtype=torch.float64)
+        dist.all_reduce(n)
+        self.num_batches = int(n.item())
+
+    def bounds(self):
+        """(low-percentile, high-percentile) per row."""
+        self._check_seen()
+        width = torch.pow(2.0, self.exp.double() + 1) / self.bins
+        lo_edge = -torch.pow(2.0, self.exp.double())
+        lo, hi = percentile_from_histogram(self.hist, lo_edge, width,
+                                           self.percentile)
+        return lo.float(), hi.float()
+
+
+def build_observer(cfg, num_rows: int, name: str = ''):
+    """Observer for a :class:`~gplq_mm.quant.config.QuantConfig`."""
+    if cfg.observer == 'minmax':
+        return MinMaxObserver(num_rows, cfg.axis, name)
+    if cfg.observer != 'percentile':
+        raise ValueError(f'observer={cfg.observer!r} is unknown: choose '
+                         '"minmax" or "percentile".')
+    return PercentileObserver(num_rows, cfg.axis, cfg.bins, cfg.percentile,
+                              name)

@@ -1,0 +1,190 @@
+"""Thin nn.Modules that hold quantizer state and call :mod:`.functional`."""
+from enum import Enum
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as QF
+from .config import QuantConfig, WeightQuantConfig
+from .observers import build_observer
+
+
+class QState(str, Enum):
+    """What an :class:`ActQuantizer` does in ``forward``.
+
+    OFF: identity.  CALIBRATING: identity, while an observer records statistics.
+    LEARNING: fake-quantize, the scale learns by LSQ.  FROZEN: fake-quantize,
+    the scale gets no gradient (stage 2, evaluation of a finished model).
+    """
+    OFF = 'off'
+    CALIBRATING = 'calibrating'
+    LEARNING = 'learning'
+    FROZEN = 'frozen'
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake quantizer with a calibrated, LSQ-learned scale.
+
+    The scale exists from construction on (so an optimizer built right after
+    model construction sees it); ``initialized`` records whether it has been
+    calibrated or loaded, and a quantizing forward with an uncalibrated scale is
+    an error rather than silently wrong numbers.
+
+    Args:
+        cfg: The quantizer config.
+        num_channels: Number of scale entries along ``cfg.axis`` (1 for
+            per-tensor).
+        name: Used in error messages (set by injection to the module path).
+    """
+
+    def __init__(self, cfg: QuantConfig, num_channels: int = 1, name: str = ''):
+        super().__init__()
+        if cfg.granularity == 'per_tensor':
+            num_channels = 1
+        if num_channels < 1:
+            raise ValueError(f'num_channels must be >= 1, got {num_channels}')
+        self.cfg = cfg
+        self.name = name
+        self.num_channels = num_channels
+        self.scale = nn.Parameter(torch.ones(num_channels),
+                                  requires_grad=cfg.learnable)
+        self.register_buffer('initialized', torch.tensor(False))
+        self.state = QState.LEARNING if cfg.learnable else QState.FROZEN
+        self.observer = None
+
+    # -- state ---------------------------------------------------------------
+    def set_state(self, state) -> None:
+        state = QState(state)
+        if state == QState.LEARNING and not self.cfg.learnable:
+            state = QState.FROZEN
+        if state == QState.CALIBRATING:
+            self.observer = build_observer(self.cfg, self.num_channels,
+                                           self.name)
+        self.state = state
+
+    def finish_calibration(self) -> None:
+        """Turn the observer's statistics into the scale and start quantizing."""
+        if self.observer is None:
+            raise RuntimeError(f'{self.name}: finish_calibration() without '
+                               'set_state("calibrating") first.')
+        self.observer.sync()
+        lo, hi = self.observer.bounds()
+        if self.cfg.kind == 'log2':
+            absmax = hi.clamp_min(0)  # post-softmax: the top level is max(x)
+        elif self.cfg.signed:
+            absmax = torch.maximum(lo.abs(), hi.abs())
+        else:
+            absmax = hi.clamp_min(0)
+        qmax = 1 if self.cfg.kind == 'log2' else self.cfg.qmax
+        with torch.no_grad():
+            self.scale.copy_(QF.choose_qparams(absmax, qmax).to(self.scale))
+            self.initialized.fill_(True)
+        self.observer = None
+        self.set_state(QState.LEARNING)
+
+    def effective_scale(self, ndim: int) -> Tensor:
+        s = self.scale.clamp_min(QF.MIN_SCALE)
+        if self.state == QState.FROZEN:
+            s = s.detach()
+        return QF.scale_view(s, ndim, self.cfg.axis)
+
+    def check_ready(self, x: Tensor) -> None:
+        if not bool(self.initialized):
+            raise RuntimeError(
+                f'Activation quantizer {self.name or "(unnamed)"} has no '
+                'calibrated scale. Its scales come from stage-1 calibration '
+                '(GPLQCalibrationHook, before_train) or from a W32A4/W4A4 '
+                'checkpoint; an FP32 checkpoint has none. Load a checkpoint '
+                'produced by gplq_mm, or run stage 1 first.')
+        if self.cfg.axis is not None:
+            n = x.shape[self.cfg.axis]
+            if n != self.num_channels:
+                raise ValueError(
+                    f'{self.name}: input has {n} entries along axis '
+                    f'{self.cfg.axis} (shape {tuple(x.shape)}), the quantizer '
+                    f'has {self.num_channels} scales.')
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == QState.OFF:
+            return x
+        if self.state == QState.CALIBRATING:
+            self.observer.update(x)
+            return x
+        self.check_ready(x)
+        s = self.effective_scale(x.ndim)
+        if self.cfg.kind == 'log2':
+            return QF.fake_quantize_log2(x, s, self.cfg.bits)
+        return QF.fake_quantize_lsq(x, s, self.cfg.qmin, self.cfg.qmax)
+
+    def codes(self, x: Tensor) -> Tensor:
+        """Integer codes (as float) of ``x`` on this quantizer's grid."""
+        s = QF.scale_view(self.scale.detach().clamp_min(QF.MIN_SCALE), x.ndim,
+                          self.cfg.axis)
+        return QF.quantize(x, s, self.cfg.qmin, self.cfg.qmax)
+
+    def extra_repr(self) -> str:
+        return f'{self.cfg.describe()}, channels={self.num_channels}, ' \
+               f'state={self.state.value}'
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric weight fake quantizer.
+
+    The scale is searched (MSE over clipping ratios) by :meth:`calibrate`; with
+    ``cfg.learnable`` it then learns by LSQ (direct W4A4 QAT baseline).
+    """
+
+    def __init__(self, cfg: WeightQuantConfig, num_channels: int, name: str = ''):
+        super().__init__()
+        self.cfg = cfg
+        self.name = name
+        self.scale = nn.Parameter(torch.ones(num_channels),
+                                  requires_grad=cfg.learnable)
+        self.register_buffer('initialized', torch.tensor(False))
+
+    @torch.no_grad()
+    def calibrate(self, weight: Tensor) -> None:
+        n = 1 if self.cfg.search == 'minmax' else self.cfg.num_candidates
+        s = QF.search_weight_scale(weight, self.cfg.qmin, self.cfg.qmax,
+                                   self.cfg.axis, self.cfg.min_ratio, n)
+        self.scale.copy_(s.to(self.scale))
+        self.initialized.fill_(True)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            self.calibrate(weight)
+        s = QF.scale_view(self.scale.clamp_min(QF.MIN_SCALE), weight.ndim,
+                          self.cfg.axis)
+        if not self.cfg.learnable:
+            return QF.fake_quantize(weight, s, self.cfg.qmin, self.cfg.qmax)
+        return QF.fake_quantize_lsq(weight, s, self.cfg.qmin, self.cfg.qmax)
+
+    def codes(self, weight: Tensor) -> Tensor:
+        s = QF.scale_view(self.scale.detach().clamp_min(QF.MIN_SCALE),
+                          weight.ndim, self.cfg.axis)
+        return QF.quantize(weight, s, self.cfg.qmin, self.cfg.qmax)
+
+    def extra_repr(self) -> str:
+        return f'W{self.cfg.bits} per-out-channel {self.cfg.search}'
+
+
+def iter_act_quantizers(module: nn.Module):
+    """Yield ``(name, quantizer)`` for every :class:`ActQuantizer` in ``module``."""
+    for name, m in module.named_modules():
+        if isinstance(m, ActQuantizer):
+            yield name, m
+
+
+def set_act_state(module: nn.Module, state) -> int:
+    """Set the state of every activation quantizer in ``module``; returns count."""
+    n = 0
+    for _, q in iter_act_quantizers(module):
+        q.set_state(state)
+        n += 1
+    return n
+
+
+def act_quantizer_ready(q: Optional[ActQuantizer]) -> bool:
+    return q is not None and q.state in (QState.LEARNING, QState.FROZEN)
