@@ -69,9 +69,7 @@ class QLinear(nn.Linear):
         return m
 
     def quantized_weight(self) -> Tensor:
-        if self.weight_quant is None:
-            return self.weight
-        return self.weight_quant(self.weight)
+        return _folded_fake_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.quantized_weight()
@@ -131,9 +129,7 @@ class QConv2d(nn.Conv2d):
         return m
 
     def quantized_weight(self) -> Tensor:
-        if self.weight_quant is None:
-            return self.weight
-        return self.weight_quant(self.weight)
+        return _folded_fake_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_quant is not None:
@@ -158,8 +154,27 @@ def _input_scale_for_weight(act_scale: Tensor, weight_shape) -> Tensor:
     return s.reshape([out, cin_g] + [1] * (len(weight_shape) - 2))
 
 
+def _folded_fake_weight(mod) -> Tensor:
+    """Weight as the integer layer will see it (direct-W4A4-QAT baseline).
+
+    The weight quantizer acts on the *folded* weight ``W diag(s)`` (s: the
+    input's activation scale), exactly the grid :func:`to_integer` uses, so a
+    model trained this way converts to integer form without a new rounding.
+    Gradients reach W, the weight scale and the activation scale.
+    """
+    if mod.weight_quant is None:
+        return mod.weight
+    aq = mod.act_quant
+    if aq is None or not bool(aq.initialized):
+        return mod.weight_quant(mod.weight)
+    s = _input_scale_for_weight(aq.scale.clamp_min(QF.MIN_SCALE),
+                                mod.weight.shape)
+    return mod.weight_quant(mod.weight * s) / s
+
+
 def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
-                             cfg: WeightQuantConfig):
+                             cfg: WeightQuantConfig,
+                             scale: Optional[Tensor] = None):
     """Fold the per-input-channel activation scale into ``weight`` and quantize.
 
     Args:
@@ -168,14 +183,21 @@ def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
             (all input channels; grouped convolutions are handled).
         cfg: Weight quantizer config (per output channel, axis 0).
 
+        scale: A per-output-channel scale to use instead of searching one
+            (e.g. learned by the direct-QAT baseline on the folded weight).
+
     Returns:
         ``(codes, scale)``: integer codes (float tensor, same shape as weight)
         and the per-output-channel scale ``[out]`` of ``W' = W diag(s)``.
     """
     s = act_scale.detach().float().clamp_min(QF.MIN_SCALE)  # as in codes()
     folded = weight.detach().float() * _input_scale_for_weight(s, weight.shape)
-    n = 1 if cfg.search == 'minmax' else cfg.num_candidates
-    scale = QF.search_weight_scale(folded, cfg.qmin, cfg.qmax, 0, cfg.min_ratio, n)
+    if scale is None:
+        n = 1 if cfg.search == 'minmax' else cfg.num_candidates
+        scale = QF.search_weight_scale(folded, cfg.qmin, cfg.qmax, 0,
+                                       cfg.min_ratio, n)
+    else:
+        scale = scale.detach().float().clamp_min(QF.MIN_SCALE)
     codes = QF.quantize(folded, QF.scale_view(scale, folded.ndim, 0), cfg.qmin,
                         cfg.qmax)
     return codes, scale
@@ -291,11 +313,15 @@ class IntQConv2d(_IntWeightMixin, nn.Module):
                f'W{self.w_bits}A{self.act_quant.cfg.bits}'
 
 
-def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = ''):
+def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
+               use_learned_scale: bool = False):
     """Convert a calibrated :class:`QLinear`/:class:`QConv2d` to its integer form.
 
     The activation quantizer (scale, state) is carried over; the weight is
-    folded with the activation scale and quantized per output channel.
+    folded with the activation scale and quantized per output channel, with a
+    searched clipping range or, with ``use_learned_scale``, the scale the
+    layer's weight quantizer learned (direct-QAT baseline: then the integer
+    layer computes exactly what the trained fake-quant layer computed).
     """
     aq = mod.act_quant
     if aq is None or not bool(aq.initialized):
@@ -309,7 +335,17 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = ''):
     else:
         raise TypeError(f'{name}: cannot convert {type(mod).__name__}')
     out.act_quant.load_state_dict(aq.state_dict())
-    codes, scale = fold_and_quantize_weight(mod.weight, aq.scale, w_cfg)
+    learned = None
+    if use_learned_scale:
+        wq = mod.weight_quant
+        if wq is None or not bool(wq.initialized):
+            raise RuntimeError(f'{name}: use_learned_scale needs a trained '
+                               'weight quantizer (direct-QAT checkpoint).')
+        if wq.cfg.bits != w_cfg.bits:
+            raise ValueError(f'{name}: learned weight scale is for '
+                             f'{wq.cfg.bits} bits, asked for {w_cfg.bits}.')
+        learned = wq.scale
+    codes, scale = fold_and_quantize_weight(mod.weight, aq.scale, w_cfg, learned)
     out.set_weight_codes(codes, scale)
     if mod.bias is not None:
         out.bias.data.copy_(mod.bias.detach())

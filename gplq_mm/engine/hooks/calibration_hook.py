@@ -178,12 +178,17 @@ class GPLQCalibrationHook(Hook):
             raise RuntimeError('GPLQ calibration saw no batch: the training '
                                'dataloader is empty.')
         if need_scales:
-            # weight quantizers (direct-QAT baseline) searched their scales
-            # on the first forward above, from the loaded weights
             for _, q in model.act_quantizers():
                 if q.observer is not None:
                     q.finish_calibration()
             model.set_quant_state(QState.LEARNING)
+            # direct-QAT baseline: weight scales are searched on the folded
+            # weight W diag(s), so only now that s is calibrated
+            for _, m in model.model.named_modules():
+                if isinstance(m, (QLinear, QConv2d)) and \
+                        m.weight_quant is not None:
+                    m.weight_quant.initialized.fill_(False)
+                    m.quantized_weight()
             self._log_scales(model, logger)
         else:
             model.set_quant_state(QState.LEARNING)

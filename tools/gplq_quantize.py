@@ -1,0 +1,271 @@
+"""GPLQ stage 2: quantize the weights of a W32A4 model and fit QwT.
+
+    python tools/gplq_quantize.py CONFIG CHECKPOINT --out-dir work_dirs/x \
+        [--method gplq|repq|qat] [--calib-images 512] [--w-bits 4] [--no-qwt]
+    python <mmdet or mmpretrain>/tools/test.py work_dirs/x/<name>_w4a4.py \
+        work_dirs/x/<name>_w4a4.pth
+
+Methods (all write the same integer W4A4 form, evaluated the same way):
+  gplq  CONFIG is the stage-1 config, CHECKPOINT its W32A4 output (the
+        activation scales come from Act-QAT).
+  repq  RepQ-ViT-style PTQ baseline: CHECKPOINT is an FP32 checkpoint; the
+        activation scales are calibrated (percentile) on the calibration
+        images.  CONFIG may be a plain mmdet/mmpretrain config (it is wrapped
+        with GPLQModel's default quantizer placement) or a stage-1 config.
+  qat   direct-W4A4-QAT baseline: CHECKPOINT comes from a config with
+        ``quant.weight`` (weights fake-quantized during training); the learned
+        weight scales are used instead of the clipping search.
+"""
+import argparse
+import hashlib
+import json
+import os
+import os.path as osp
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('config', help='stage-1 config (or a plain config for --method repq)')
+    p.add_argument('checkpoint', help='W32A4 checkpoint (FP32 for --method repq)')
+    p.add_argument('--out-dir', required=True, help='where the W4A4 config, '
+                   'checkpoint and report are written')
+    p.add_argument('--method', choices=['gplq', 'repq', 'qat'], default='gplq')
+    p.add_argument('--calib-images', type=int, default=512,
+                   help='calibration images from the training set (paper: 512)')
+    p.add_argument('--batch-size', type=int, default=4)
+    p.add_argument('--seed', type=int, default=0, help='seed of the calibration subset')
+    p.add_argument('--w-bits', type=int, default=4)
+    p.add_argument('--no-qwt', action='store_true', help='skip QwT compensation')
+    p.add_argument('--qwt-lambda', type=float, default=1e-2,
+                   help='ridge lambda of the QwT fit (the bias is not regularised)')
+    p.add_argument('--clip-search', choices=['mse', 'minmax'], default='mse',
+                   help='weight clipping range: MSE search over ratios, or abs-max')
+    p.add_argument('--calib-pipeline', choices=['test', 'train'], default='test',
+                   help='pipeline for calibration images (test: no random augmentation)')
+    p.add_argument('--act-observer', choices=['percentile', 'minmax'],
+                   default='percentile', help='--method repq: activation calibration')
+    p.add_argument('--name', default=None, help='output name (default: config name)')
+    p.add_argument('--trust-checkpoint', action='store_true',
+                   help='allow unsafe unpickling of CHECKPOINT (only for trusted files)')
+    p.add_argument('--cfg-options', nargs='+', action=_DictAction, default={},
+                   help='override config settings, as in tools/train.py')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                   default='none')
+    return p.parse_args(argv)
+
+
+def _DictAction(*args, **kwargs):
+    from mmengine.config import DictAction
+    return DictAction(*args, **kwargs)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_bytes(sd) -> int:
+    return sum(v.numel() * v.element_size() for v in sd.values()
+               if torch.is_tensor(v))
+
+
+def fail(msg: str) -> None:
+    sys.stderr.write(f'gplq_quantize: error: {msg}\n')
+    sys.exit(2)
+
+
+def check_out_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        fail(f'--out-dir {path} is not writable ({e.strerror}); choose another '
+             'directory.')
+
+
+def atomic_write(path: str, write) -> None:
+    """Write via a temporary file in the same directory, then rename."""
+    root, ext = osp.splitext(path)
+    tmp = f'{root}.tmp{ext}'  # keep the extension: Config.dump reads it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    from mmengine.config import Config
+    from mmengine.dist import get_rank, init_dist, is_main_process
+    from mmengine.logging import MMLogger
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import load_state_dict
+
+    import gplq_mm
+    from gplq_mm.engine.safe_checkpoint import load_checkpoint_file
+    from gplq_mm.models.gplq_model import GPLQModel
+    from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
+                                   override_observers)
+    from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
+    from gplq_mm.quant import WeightQuantConfig
+
+    if not osp.isfile(args.config):
+        fail(f'config {args.config} does not exist.')
+    if not osp.isfile(args.checkpoint):
+        fail(f'checkpoint {args.checkpoint} does not exist.')
+    if args.batch_size < 1:
+        fail('--batch-size must be >= 1.')
+    try:
+        w_cfg = WeightQuantConfig(bits=args.w_bits, search=args.clip_search)
+    except ValueError as e:
+        fail(str(e))
+    check_out_dir(args.out_dir)
+    if args.launcher != 'none':
+        init_dist(args.launcher, backend='gloo' if not torch.cuda.is_available()
+                  else 'nccl')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    name = args.name or osp.splitext(osp.basename(args.config))[0]
+    logger = MMLogger.get_instance(
+        'gplq_quantize', log_file=osp.join(args.out_dir, f'{name}_w4a4.log')
+        if is_main_process() else None)
+    log = logger.info
+
+    if cfg.model.get('type') != 'GPLQModel':
+        if args.method != 'repq':
+            fail(f'{args.config} does not wrap its model with GPLQModel. '
+                 f'--method {args.method} needs the stage-1 config the '
+                 'checkpoint was trained with (see configs/gplq/); for the '
+                 'PTQ baseline from an FP32 checkpoint use --method repq.')
+        cfg.model = dict(type='GPLQModel', model=cfg.model)
+        cfg.custom_imports = dict(imports=['gplq_mm'],
+                                  allow_failed_imports=False)
+    if cfg.model.get('w4a4'):
+        fail(f'{args.config} is already a W4A4 config; pass the stage-1 '
+             'config.')
+    cfg.model.setdefault('quant', {})
+    cfg.model.mimic = dict(enabled=False)  # no teacher needed in stage 2
+    model: GPLQModel = MODELS.build(cfg.model)
+
+    ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
+    sd = ckpt.get('state_dict', ckpt)
+    load_state_dict(model, sd, strict=False)  # GPLQModel raises on mismatch
+    if args.method in ('gplq', 'qat') and not model.all_calibrated():
+        fail(f'{args.checkpoint} has no activation scales (an FP32 '
+             'checkpoint?). Run stage 1 (Act-QAT) first, or use --method repq '
+             'for the PTQ baseline.')
+    if args.method == 'repq' and model._ckpt_has_quant:
+        log('--method repq: the checkpoint already has activation scales; '
+            'they are recalibrated from scratch (PTQ baseline).')
+    if args.method == 'qat' and not any(True for _ in model.weight_quantizers()):
+        fail('--method qat needs a checkpoint trained with quant.weight '
+             '(direct W4A4 QAT); this config has no weight quantizers.')
+
+    loader = build_calib_loader(cfg, args.calib_images, args.batch_size,
+                                args.seed, args.calib_pipeline)
+    log(f'calibration set: {args.calib_images} images (seed {args.seed}, '
+        f'{args.calib_pipeline} pipeline), {len(loader)} batches on rank '
+        f'{get_rank()}')
+
+    def full_forward(batch):
+        data = model.data_preprocessor(batch, False)
+        model(**data, mode='tensor')
+
+    def backbone_forward(batch):
+        data = model.data_preprocessor(batch, False)
+        model.model.backbone(data['inputs'])
+
+    if args.method == 'repq':
+        override_observers(model, args.act_observer)
+        calibrate_activations(model, loader, full_forward, log)
+
+    report = weight_ptq(model.model, lambda: loader, backbone_forward, w_cfg,
+                        qwt=not args.no_qwt, lam=args.qwt_lambda,
+                        use_learned_scale=args.method == 'qat', logger=log)
+    kept = [b.name for b in report.blocks if b.kept]
+    log(report.table())
+
+    # -- outputs ---------------------------------------------------------------
+    out_cfg = cfg.copy()
+    out_cfg.model.w4a4 = dict(w_bits=args.w_bits, qwt_blocks=kept)
+    out_cfg.load_from = None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    src_sd_bytes = state_bytes(sd)
+    meta = dict(
+        gplq=dict(method=args.method, w_bits=args.w_bits,
+                  a_bits=model.quant_cfg.act.bits, qwt=not args.no_qwt,
+                  qwt_lambda=args.qwt_lambda, qwt_blocks=kept,
+                  calib_images=args.calib_images, calib_seed=args.seed,
+                  calib_pipeline=args.calib_pipeline,
+                  source_checkpoint=osp.abspath(args.checkpoint),
+                  source_sha256=sha256(args.checkpoint),
+                  gplq_mm_version=gplq_mm.__version__,
+                  time=time.strftime('%Y-%m-%d %H:%M:%S')),
+        dataset_meta=ckpt.get('meta', {}).get('dataset_meta'))
+    if not is_main_process():
+        return 0
+    cfg_path = osp.join(args.out_dir, f'{name}_w4a4.py')
+    ckpt_path = osp.join(args.out_dir, f'{name}_w4a4.pth')
+    # self-check: a model built from the written config must load the
+    # checkpoint strictly and compute exactly what the converted model does
+    atomic_write(cfg_path, lambda p: out_cfg.dump(p))
+    atomic_write(ckpt_path, lambda p: torch.save(
+        dict(state_dict=state, meta=meta), p))
+    check = Config.fromfile(cfg_path)
+    rebuilt = MODELS.build(check.model)
+    loaded = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    load_state_dict(rebuilt, loaded['state_dict'], strict=True)
+    rebuilt.eval()
+    batch = next(iter(loader))
+    with torch.no_grad():
+        a = model.model.extract_feat(model.data_preprocessor(batch, False)['inputs'])
+        b = rebuilt.model.extract_feat(rebuilt.data_preprocessor(batch, False)['inputs'])
+    a, b = (a if isinstance(a, (tuple, list)) else [a]), \
+        (b if isinstance(b, (tuple, list)) else [b])
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    if diff > 1e-4:
+        for p in (cfg_path, ckpt_path):
+            os.remove(p)
+        fail(f'self-check failed: the model rebuilt from {cfg_path} differs '
+             f'from the converted model by {diff:.3g}; nothing written.')
+
+    sizes = dict(source_checkpoint_bytes=osp.getsize(args.checkpoint),
+                 source_state_dict_bytes=src_sd_bytes,
+                 w4a4_checkpoint_bytes=osp.getsize(ckpt_path),
+                 w4a4_state_dict_bytes=state_bytes(state))
+    summary = dict(config=cfg_path, checkpoint=ckpt_path, method=args.method,
+                   w_bits=args.w_bits, integer_layers=len(integer_layers(model.model)),
+                   qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
+                   wall_seconds=time.time() - t_start,
+                   ptq_seconds=report.seconds,
+                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   **sizes, report=report.to_dict())
+    atomic_write(osp.join(args.out_dir, f'{name}_w4a4.json'),
+                 lambda p: open(p, 'w').write(json.dumps(summary, indent=1)))
+    log(f'wrote {cfg_path}\n      {ckpt_path}  '
+        f'({sizes["w4a4_checkpoint_bytes"] / 2**20:.2f} MiB; source state dict '
+        f'{src_sd_bytes / 2**20:.2f} MiB FP32)\n'
+        f'wall time {summary["wall_seconds"]:.1f}s, peak RSS '
+        f'{summary["peak_rss_mib"]:.0f} MiB. Evaluate with the stock '
+        f'tools/test.py {cfg_path} {ckpt_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
