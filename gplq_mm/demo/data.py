@@ -163,12 +163,12 @@ def _texture(rng: np.random.Generator, h: int, w: int,
     """
     c0 = _hsv_color(rng)
     if avoid is not None:
-        for _ in range(4):
-            if np.abs(c0 - avoid).sum() > 90:
+        for _ in range(6):
+            if np.abs(c0 - avoid).sum() > 120:
                 break
             c0 = _hsv_color(rng)
     kind = rng.choice(['solid', 'stripes', 'checker', 'noise', 'gradient'],
-                      p=[0.3, 0.2, 0.15, 0.2, 0.15])
+                      p=[0.4, 0.15, 0.1, 0.2, 0.15])
     if kind == 'solid':
         return np.broadcast_to(c0, (h, w, 3)).astype(np.float32)
     c1 = np.clip(c0 + rng.uniform(-110, 110, size=3), 0, 255).astype(
@@ -305,15 +305,14 @@ def _finish(rng: np.random.Generator, img: np.ndarray, sigma_range) -> np.ndarra
 def _render_shapes_image(rng: np.random.Generator, size: int):
     """One image and its instances ``[(label, visible_mask)]`` (back to front)."""
     img = _background(rng, size, size)
-    _clutter(rng, img, int(rng.integers(3, 11)), size / 128)
-    n_obj = int(rng.choice([1, 2, 3, 4, 5, 6],
-                           p=[0.1, 0.2, 0.25, 0.2, 0.15, 0.1]))
+    _clutter(rng, img, int(rng.integers(2, 8)), size / 128)
+    n_obj = int(rng.choice([1, 2, 3, 4, 5], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
     masks: List[np.ndarray] = []  # full in-image masks, back to front
     labels: List[int] = []
     for _ in range(n_obj):
         for _try in range(20):
             label = int(rng.integers(len(SHAPES_CLASSES)))
-            r = float(np.exp(rng.uniform(np.log(5.5), np.log(28))) * size / 128)
+            r = float(np.exp(rng.uniform(np.log(7), np.log(30))) * size / 128)
             cx, cy = rng.uniform(0.3 * r, size - 0.3 * r, size=2)
             angle = float(rng.uniform(0, 2 * np.pi))
             aspect = float(np.exp(rng.uniform(-0.25, 0.25)))
@@ -325,12 +324,12 @@ def _render_shapes_image(rng: np.random.Generator, size: int):
             m = big[pad:pad + size, pad:pad + size]
             if m.sum() < 30 or m.sum() < 0.6 * big.sum():
                 continue
-            # every earlier object must keep >= 45% (and >= 20 px) visible
+            # every earlier object must keep >= 55% (and >= 30 px) visible
             ok = True
             cover = m.copy()
             for j in range(len(masks) - 1, -1, -1):
                 vis = masks[j] & ~cover
-                if vis.sum() < max(0.45 * masks[j].sum(), 20):
+                if vis.sum() < max(0.55 * masks[j].sum(), 30):
                     ok = False
                     break
                 cover |= masks[j]
@@ -344,7 +343,7 @@ def _render_shapes_image(rng: np.random.Generator, size: int):
             masks.append(m)
             labels.append(label)
             break
-    img = _finish(rng, img, (3, 12))
+    img = _finish(rng, img, (2, 8))
     # visible masks: subtract everything painted later
     visible = []
     cover = np.zeros((size, size), bool)

@@ -57,6 +57,11 @@ class GPLQModel(BaseModel):
         strict_load: Turn mmengine's "missing/unexpected keys" warnings into a
             :class:`CheckpointMismatchError`.  Only quantizer keys may be
             missing, and only if the checkpoint has none at all (FP32 init).
+        data_preprocessor: The config's top-level ``data_preprocessor``,
+            which the Runner merges into the model config (mmpretrain
+            configs keep mean/std there).  It is handed on to the wrapped
+            model (unless that has its own), whose preprocessor this wrapper
+            then uses.
         init_cfg: Unused (weights come from ``load_from``).
     """
 
@@ -66,6 +71,7 @@ class GPLQModel(BaseModel):
                  mimic: Optional[dict] = None,
                  w4a4: Optional[dict] = None,
                  strict_load: bool = True,
+                 data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         if not isinstance(model, (dict, )) and not hasattr(model, 'get'):
             raise TypeError('GPLQModel(model=...) takes the config dict of the '
@@ -73,8 +79,13 @@ class GPLQModel(BaseModel):
         if model.get('type') == 'GPLQModel':
             raise ValueError('GPLQModel(model=...) got another GPLQModel: '
                              'wrap the plain detector/classifier config once.')
+        model = ConfigDict(model)
+        if data_preprocessor is not None:
+            # what the Runner does for an unwrapped model (mmpretrain configs
+            # rely on it: without it ImageClassifier would not normalise)
+            model.setdefault('data_preprocessor', data_preprocessor)
         # mmdet reads e.g. train_cfg.rpn as attributes: keep ConfigDict access
-        inner = MODELS.build(ConfigDict(model))
+        inner = MODELS.build(model)
         super().__init__(data_preprocessor=inner.data_preprocessor,
                          init_cfg=init_cfg)
         self.model = inner

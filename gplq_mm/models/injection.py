@@ -226,6 +226,11 @@ def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
             continue
         if isinstance(m, (QLinear, QConv2d)):
             continue
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not _plain_layer(m):
+            # e.g. mmcv ConvWS2d / Conv2dAdaptivePadding: QLinear/QConv2d
+            # would silently drop what their forward adds
+            left.append((name, f'{type(m).__name__} has its own forward'))
+            continue
         if isinstance(m, nn.Linear):
             new = QLinear.from_float(m, cfg.act, cfg.weight, name)
             _set_submodule(model, name, new)
@@ -245,6 +250,17 @@ def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
         raise ValueError('quant injection found no Linear/Conv2d to quantize '
                          f'in scope {cfg.scope!r}.')
     return InjectionReport(records, left)
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    """Whether ``m`` computes exactly ``nn.Linear``/``nn.Conv2d``'s forward:
+    the torch class, mmcv's thin wrappers (their forward only special-cases
+    empty inputs on torch < 1.5), or a subclass that keeps the forward."""
+    from mmcv.cnn.bricks import wrappers
+    base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+    cls = type(m)
+    return cls.forward is base.forward or cls in (wrappers.Linear,
+                                                  wrappers.Conv2d)
 
 
 def _desc(cfg: Optional[QuantConfig]) -> str:

@@ -1,0 +1,60 @@
+# GPLQ stage 1 (Act-QAT, W32A4) of Mask R-CNN Swin-T 3x (multi-scale + crop
+# training) on COCO.
+#
+# FP32 (mmdet model zoo): box AP 46.0, mask AP 41.6; paper, GPLQ W32A4: 43.0 /
+# 40.2. Activations are fake-quantized to 4 bit with LSQ-learned scales;
+# weights stay FP32 and trainable. The checkpoint this run writes (epoch_1.pth)
+# is the W32A4 model, the input of stage 2 (weight PTQ + QwT).
+#
+#   bash <site-packages>/mmdet/.mim/tools/dist_train.sh \
+#     configs/gplq/gplq_mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_w32a4.py 8
+#   python <site-packages>/mmdet/.mim/tools/test.py \
+#     configs/gplq/gplq_mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_w32a4.py \
+#     work_dirs/gplq_mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_w32a4/epoch_1.pth
+_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py'
+custom_imports = dict(imports=['gplq_mm'], allow_failed_imports=False)
+
+# Wrap the official detector (the SoftTeacher pattern). scope='whole' quantizes
+# backbone, FPN, RPN and RoI heads (the RepQ-ViT detection protocol the paper
+# compares against): Linear/Conv inputs A4 per channel, the patch embedding
+# input A8, q/k/v A4 per token, post-softmax A4 log-sqrt2.
+fp32_model = _base_.model
+fp32_model.backbone.init_cfg = None  # weights come from load_from
+model = dict(
+    _delete_=True,
+    type='GPLQModel',
+    model=fp32_model,
+    quant=dict(scope='whole'),  # or 'backbone'
+    mimic=dict(enabled=False))  # paper: feature mimicking for classifiers
+
+custom_hooks = [
+    # scales calibrated in before_train, after load_from (min-max per channel,
+    # 1st/99th percentile per token; all-reduced over GPUs)
+    dict(type='GPLQCalibrationHook', num_batches=64),
+    # checkpoints that the stock test.py loads with weights_only=True
+    dict(type='GPLQSafeCheckpointHook'),
+]
+
+# One epoch of AdamW at a constant LR (no warm-up, no decay). The base's
+# weight-decay rules are kept; the quantizer scales get no weight decay.
+train_cfg = dict(
+    _delete_=True, type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+param_scheduler = []
+optim_wrapper = dict(
+    optimizer=dict(lr=5e-6),
+    paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
+# 1 image per GPU on 8 GPUs; the LR is for that total batch of 8
+# (--auto-scale-lr rescales it for another GPU count).
+train_dataloader = dict(batch_size=1)
+auto_scale_lr = dict(enable=False, base_batch_size=8)
+default_hooks = dict(
+    checkpoint=dict(
+        type='CheckpointHook', interval=1, by_epoch=True, save_last=True))
+
+# The official FP32 checkpoint. Offline: download it once and pass the local
+# file with
+#   --cfg-options load_from=/path/to/downloaded.pth
+# If torch (>= 2.6 loads with weights_only=True) refuses the file, convert it
+# once, for files you trust only:
+#   python tools/convert_checkpoint.py SRC.pth DST.pth --trust
+load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth'  # noqa

@@ -1,0 +1,48 @@
+"""The fast demo variant end to end through the stock scripts (pipeline
+invariants, not accuracy: --fast trains on a handful of images)."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+STAGES = ('fp32', 'ptq', 'ptq_qwt', 'qat', 'gplq_w32a4', 'gplq_w4a4')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['det', 'cls'])
+def test_fast_demo(tmp_path, task):
+    work = tmp_path / 'demo'
+    cmd = [sys.executable, osp.join(REPO, 'tools', 'gplq_demo.py'), '--fast',
+           '--only', task, '--work-dir', str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((work / 'results.json').read_text())
+    rows = res['tasks'][task]['rows']
+    assert len(rows) == len(STAGES)
+    metrics = res['tasks'][task]['metrics']
+    for row in rows:
+        # every stage produced its checkpoint and the stock test script's
+        # numbers were parsed
+        assert osp.isfile(row['checkpoint'])
+        for m in metrics:
+            assert isinstance(row[m], float) and row[m] >= 0
+        assert row['seconds'] > 0 and row['peak_rss_mib'] > 0
+    by = {r['method']: r for r in rows}
+    fp32 = by['FP32']['checkpoint_mib']
+    for name, row in by.items():
+        if 'W4A4' in name:  # integer checkpoints are smaller than FP32
+            assert row['checkpoint_mib'] < fp32, name
+            ck = torch.load(row['checkpoint'], map_location='cpu',
+                            weights_only=True)
+            assert any(k.endswith('weight_packed') for k in ck['state_dict'])
+    assert (work / 'results.md').read_text().count('|') > 10
+    assert (work / 'results.png').stat().st_size > 1000
+    # a re-run reuses every finished stage
+    proc2 = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc2.returncode == 0, proc2.stdout[-2000:]
+    assert proc2.stdout.count('cached') == len(STAGES)

@@ -1,0 +1,197 @@
+"""Helpers of the OpenMMLab-side tests (tests/models, tests/engine).
+
+Everything runs the real stack: configs under ``tests/configs`` inherit the
+official mmdet/mmpretrain configs and only shrink sizes; data come from
+``gplq_mm.demo.data`` (see the session fixtures in ``tests/conftest.py``).
+"""
+import copy
+import itertools
+import json
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.registry import MODELS, DefaultScope
+
+TESTS = osp.dirname(osp.abspath(__file__))
+REPO = osp.dirname(TESTS)
+CONFIGS = osp.join(TESTS, 'configs')
+DET_FP32 = 'mask-rcnn_swin-micro_fpn_shapes.py'
+DET_GPLQ = 'gplq_mask-rcnn_swin-micro_fpn_shapes_w32a4.py'
+DEIT_FP32 = 'deit-micro_cls.py'
+DEIT_GPLQ = 'gplq_deit-micro_cls_w32a4.py'
+SWIN_CLS_FP32 = 'swin-micro_cls.py'
+SWIN_CLS_GPLQ = 'gplq_swin-micro_cls_w32a4.py'
+
+_counter = itertools.count()
+
+
+def stock_script(pkg: str, which: str) -> str:
+    """``<site-packages>/<pkg>/.mim/tools/<which>.py`` (shipped in the wheel)."""
+    mod = __import__(pkg)
+    path = osp.join(osp.dirname(mod.__file__), '.mim', 'tools', f'{which}.py')
+    assert osp.isfile(path), f'{pkg} does not ship {path}'
+    return path
+
+
+def load_cfg(name: str, work_dir: Optional[str] = None, **options) -> Config:
+    """A test config, with a unique experiment/visualizer name.
+
+    mmengine keys loggers, message hubs and visualizers by these names; two
+    Runners built in the same second from the same config would share them.
+    ``options`` are ``--cfg-options``-style updates (dotted keys allowed).
+    """
+    cfg = Config.fromfile(osp.join(CONFIGS, name))
+    uid = f'{osp.splitext(name)[0]}_{os.getpid()}_{next(_counter)}'
+    cfg.experiment_name = uid
+    if cfg.get('visualizer') is not None:
+        cfg.visualizer['name'] = uid
+    if work_dir is not None:
+        cfg.work_dir = str(work_dir)
+    if options:
+        cfg.merge_from_dict(options)
+    return cfg
+
+
+def fp32_model_cfg(cfg: Config) -> dict:
+    """Config of the plain model, with the top-level data_preprocessor merged
+    the way the Runner merges it."""
+    mc = copy.deepcopy(cfg.get('fp32_model', cfg.model))
+    if cfg.get('data_preprocessor') is not None:
+        mc.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
+    return mc
+
+
+def build(cfg: Config, model_cfg: Optional[dict] = None, seed: int = 0):
+    """Build ``model_cfg`` (default: the config's GPLQ/plain model) in the
+    config's default scope, with the torch RNG seeded."""
+    if model_cfg is None:
+        model_cfg = copy.deepcopy(cfg.model)
+        if cfg.get('data_preprocessor') is not None:
+            model_cfg.setdefault('data_preprocessor',
+                                 copy.deepcopy(cfg.data_preprocessor))
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        return MODELS.build(model_cfg)
+
+
+def save_fp32_checkpoint(cfg: Config, path: str, seed: int = 0) -> Dict:
+    """A plain (FP32, unwrapped) model's checkpoint, as a user would have it."""
+    model = build(cfg, fp32_model_cfg(cfg), seed=seed)
+    sd = model.state_dict()
+    torch.save({'state_dict': sd, 'meta': {}}, path)
+    return sd
+
+
+def act_scales(model) -> Dict[str, torch.Tensor]:
+    """``{quantizer name: scale}`` of every activation quantizer (copies)."""
+    from gplq_mm.quant import ActQuantizer
+    model = getattr(model, 'module', model)
+    return {n: m.scale.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, ActQuantizer)}
+
+
+def ckpt_scales(ckpt: dict) -> Dict[str, torch.Tensor]:
+    """Scales stored in a checkpoint dict, keyed like :func:`act_scales`."""
+    sd = ckpt['state_dict']
+    return {k[:-len('.scale')]: v for k, v in sd.items()
+            if re.search(r'(act|q|k|v|attn)_quant\.scale$', k)}
+
+
+class Recorder(Hook):
+    """Records what tests need while a real Runner trains.
+
+    Registered with priority LOW, so ``before_train`` sees the model after
+    ``GPLQCalibrationHook`` (priority HIGH) calibrated it.
+    """
+
+    def __init__(self):
+        self.calibrated = None  # scales at before_train (after calibration)
+        self.first_iter_scales = None
+        self.outputs: List[dict] = []
+        self.teacher_before = self.teacher_after = None
+        self.param_groups = None
+        self.loaded_state = None
+        self.pca = None
+
+    def _model(self, runner):
+        return getattr(runner.model, 'module', runner.model)
+
+    def before_train(self, runner) -> None:
+        model = self._model(runner)
+        self.calibrated = act_scales(model)
+        self.initialized = {n: bool(m.initialized)
+                            for n, m in model.act_quantizers()}
+        self.loaded_state = {k: v.detach().clone()
+                             for k, v in model.state_dict().items()}
+        self.param_groups = [
+            dict(ids={id(p) for p in g['params']},
+                 weight_decay=g.get('weight_decay'), lr=g.get('lr'))
+            for g in runner.optim_wrapper.optimizer.param_groups]
+        self.message_hub_scalars = dict(runner.message_hub.log_scalars)
+        if model.teacher is not None:
+            self.teacher_before = {k: v.detach().clone() for k, v in
+                                   model.teacher.state_dict().items()}
+            self.teacher_param_ids = {id(p) for p in model.teacher.parameters()}
+            self.pca = tuple(t.detach().clone() for t in model.pca)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        self.outputs.append({k: float(v) for k, v in (outputs or {}).items()})
+        if self.first_iter_scales is None:
+            self.first_iter_scales = act_scales(self._model(runner))
+
+    def after_train(self, runner) -> None:
+        model = self._model(runner)
+        if model.teacher is not None:
+            self.teacher_after = {k: v.detach().clone() for k, v in
+                                  model.teacher.state_dict().items()}
+        self.after_train_scales = act_scales(model)
+
+
+def train(cfg: Config, recorder: Optional[Recorder] = None):
+    """``Runner.from_cfg(cfg).train()`` with an optional :class:`Recorder`."""
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg)
+    if recorder is not None:
+        runner.register_hook(recorder, priority='LOW')
+    runner.train()
+    return runner
+
+
+def run_script(args: List[str], cwd: str, timeout: int = 600,
+               env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run ``python args...`` as a user would (inherits GPLQ_TEST_* vars)."""
+    full_env = dict(os.environ)
+    full_env.setdefault('PYTHONWARNINGS', 'ignore')
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable] + list(args), cwd=cwd,
+                          env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
+    return (f'exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-n:]}\n'
+            f'--- stderr ---\n{proc.stderr[-n:]}')
+
+
+def last_metrics(text: str, prefix: str) -> Dict[str, float]:
+    """The last ``prefix/name: value`` metrics line mmengine logged."""
+    found = {}
+    for line in text.splitlines():
+        pairs = re.findall(rf'({re.escape(prefix)}/\w+): (-?[\d.]+)', line)
+        if pairs:
+            found = {k: float(v) for k, v in pairs}
+    return found
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)

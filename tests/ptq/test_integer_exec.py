@@ -1,0 +1,113 @@
+"""The converted W4A4 model is integer-executable, layer by layer.
+
+For every IntQLinear / IntQConv2d of a converted tiny model (inputs captured
+during a real forward), the output must equal an explicit integer GEMM of the
+activation codes and the unpacked int4 weight codes (int64 arithmetic), times
+the per-output-channel weight scale, plus the bias:
+``y = d * (Xc @ Wc^T) + b``.  The packed format is decoded here
+independently of the library (low nibble first, two's complement).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gplq_mm.ptq.weight_ptq import integer_layers
+from gplq_mm.quant import IntQConv2d, IntQLinear
+
+
+def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """uint8 [out, ceil(n/2)] -> int64 [out, n], low nibble = even index."""
+    p = packed.to(torch.int64)
+    codes = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).flatten(-2)
+    codes = torch.where(codes >= 8, codes - 16, codes)  # two's complement
+    return codes[:, :length]
+
+
+def act_codes(layer, x: torch.Tensor) -> torch.Tensor:
+    """round(x / s) clamped to the activation grid, as int64 (s per channel)."""
+    aq = layer.act_quant
+    s = aq.scale.detach().clamp_min(1e-8)
+    if aq.cfg.axis is not None and s.numel() > 1:
+        shape = [1] * x.ndim
+        shape[aq.cfg.axis] = -1
+        s = s.reshape(shape)
+    c = torch.clamp(torch.round(x / s), aq.cfg.qmin, aq.cfg.qmax)
+    return c.to(torch.int64)
+
+
+def int_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    xc = act_codes(layer, x)
+    k = int(torch.Size(layer.weight_shape[1:]).numel())
+    wc = unpack_nibbles(layer.weight_packed, k)  # int64 [out, k]
+    assert int(wc.min()) >= -8 and int(wc.max()) <= 7
+    if isinstance(layer, IntQLinear):
+        acc = xc.reshape(-1, xc.shape[-1]) @ wc.t()  # int64 GEMM
+        acc = acc.reshape(*x.shape[:-1], -1)
+        d = layer.weight_scale.double()
+        b = 0 if layer.bias is None else layer.bias.double()
+    else:
+        assert layer.groups == 1
+        kh, kw = layer.weight_shape[2:]
+        # im2col moves integers around only (exact in float64)
+        cols = F.unfold(xc.double(), (kh, kw), dilation=layer.dilation,
+                        padding=layer.padding, stride=layer.stride)
+        acc = wc @ cols.to(torch.int64)  # [N, out, L] int64
+        oh = (x.shape[2] + 2 * layer.padding[0] - layer.dilation[0] *
+              (kh - 1) - 1) // layer.stride[0] + 1
+        acc = acc.reshape(x.shape[0], -1, oh, acc.shape[-1] // oh)
+        d = layer.weight_scale.double().reshape(1, -1, 1, 1)
+        b = 0 if layer.bias is None else \
+            layer.bias.double().reshape(1, -1, 1, 1)
+    # float32 simulation of the integer GEMM is exact below 2^24
+    assert int(acc.abs().max()) < 2**24
+    return acc.double() * d + b, xc
+
+
+@pytest.mark.parametrize('case', ['cls', 'det'])
+def test_integer_layers_equal_int64_gemm(request, case):
+    data = request.getfixturevalue(f'{case}_case')
+    model, _ = request.getfixturevalue(f'{case}_converted')
+    layers = integer_layers(model.model)
+    seen = {}
+
+    def hook(name):
+        def record(mod, inputs, out):  # returns None: output unchanged
+            # clone: later in-place ops (ReLU(inplace=True)) modify tensors
+            seen.setdefault(name, (inputs[0].clone(), out.clone()))
+        return record
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            batch = data.batches[0]
+            model(**model.data_preprocessor(batch, False), mode='tensor')
+    finally:
+        for h in hooks:
+            h.remove()
+    linears = [n for n, m in layers.items() if isinstance(m, IntQLinear)]
+    assert linears and set(linears) <= set(seen)
+    checked = 0
+    for name, (x, y) in seen.items():
+        layer = layers[name]
+        if isinstance(layer, IntQConv2d) and layer.groups != 1:
+            continue
+        ref, xc = int_reference(layer, x)
+        aq = layer.act_quant.cfg
+        assert aq.qmin <= int(xc.min()) and int(xc.max()) <= aq.qmax, name
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-5,
+                                   msg=lambda m: f'{name}: {m}')
+        checked += 1
+    assert checked >= len(linears)
+
+
+def test_int4_codes_fill_the_grid(cls_converted):
+    """4-bit codes, two per byte, using the whole signed range somewhere."""
+    model, _ = cls_converted
+    for name, m in integer_layers(model.model).items():
+        k = int(torch.Size(m.weight_shape[1:]).numel())
+        assert m.weight_packed.shape == (m.weight_shape[0], (k + 1) // 2)
+        wc = unpack_nibbles(m.weight_packed, k)
+        assert torch.equal(wc.float().reshape(m.weight_shape),
+                           m.weight_codes()), name
+        assert int(wc.min()) <= -7 and int(wc.max()) >= 6, name
+        assert bool((m.weight_scale > 0).all()), name
