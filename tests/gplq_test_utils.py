@@ -5,6 +5,7 @@ official mmdet/mmpretrain configs and only shrink sizes; data come from
 ``gplq_mm.demo.data`` (see the session fixtures in ``tests/conftest.py``).
 """
 import copy
+import glob
 import itertools
 import json
 import os
@@ -89,12 +90,18 @@ def save_fp32_checkpoint(cfg: Config, path: str, seed: int = 0) -> Dict:
     return sd
 
 
-def act_scales(model) -> Dict[str, torch.Tensor]:
-    """``{quantizer name: scale}`` of every activation quantizer (copies)."""
+def act_quantizers(model):
+    """``(name, quantizer)`` of every activation quantizer, names relative to
+    the GPLQModel (``model.backbone....``, as in its state dict)."""
     from gplq_mm.quant import ActQuantizer
     model = getattr(model, 'module', model)
-    return {n: m.scale.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, ActQuantizer)}
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, ActQuantizer)]
+
+
+def act_scales(model) -> Dict[str, torch.Tensor]:
+    """``{quantizer name: scale}`` of every activation quantizer (copies)."""
+    return {n: m.scale.detach().clone() for n, m in act_quantizers(model)}
 
 
 def ckpt_scales(ckpt: dict) -> Dict[str, torch.Tensor]:
@@ -130,11 +137,14 @@ class Recorder(Hook):
                             for n, m in model.act_quantizers()}
         self.loaded_state = {k: v.detach().clone()
                              for k, v in model.state_dict().items()}
+        self.scale_params = {n: (id(m.scale), m.scale.requires_grad)
+                             for n, m in act_quantizers(model)}
         self.param_groups = [
             dict(ids={id(p) for p in g['params']},
                  weight_decay=g.get('weight_decay'), lr=g.get('lr'))
             for g in runner.optim_wrapper.optimizer.param_groups]
-        self.message_hub_scalars = dict(runner.message_hub.log_scalars)
+        self.message_hub_scalars = copy.deepcopy(
+            dict(runner.message_hub.log_scalars))
         if model.teacher is not None:
             self.teacher_before = {k: v.detach().clone() for k, v in
                                    model.teacher.state_dict().items()}
@@ -143,7 +153,9 @@ class Recorder(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
-        self.outputs.append({k: float(v) for k, v in (outputs or {}).items()})
+        self.outputs.append(
+            {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+             for k, v in (outputs or {}).items()})
         if self.first_iter_scales is None:
             self.first_iter_scales = act_scales(self._model(runner))
 
@@ -153,6 +165,8 @@ class Recorder(Hook):
             self.teacher_after = {k: v.detach().clone() for k, v in
                                   model.teacher.state_dict().items()}
         self.after_train_scales = act_scales(model)
+        self.final_scalars = dict(runner.message_hub.log_scalars)
+        self.epoch, self.iter = runner.epoch, runner.iter
 
 
 def train(cfg: Config, recorder: Optional[Recorder] = None):
@@ -163,6 +177,15 @@ def train(cfg: Config, recorder: Optional[Recorder] = None):
         runner.register_hook(recorder, priority='LOW')
     runner.train()
     return runner
+
+
+def log_text(work_dir: str) -> str:
+    """Text of the newest mmengine log file under ``work_dir``."""
+    logs = sorted(glob.glob(osp.join(work_dir, '*', '*.log')),
+                  key=osp.getmtime)
+    assert logs, f'no log under {work_dir}'
+    with open(logs[-1]) as f:
+        return f.read()
 
 
 def run_script(args: List[str], cwd: str, timeout: int = 600,

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import pickle
 import resource
 import sys
 import tempfile
@@ -84,14 +85,83 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def check_out_dir(path: str) -> None:
+class Cleanup:
+    """What this run created in --out-dir, removed again if it fails.
+
+    A failed run leaves --out-dir as it found it: no log, no partial outputs
+    (pre-existing files are never touched), and no directory it created.
+    """
+
+    def __init__(self):
+        self.files, self.dirs, self.loggers = [], [], []
+
+    def add_file(self, path: str) -> str:
+        if not osp.exists(path):
+            self.files.append(path)
+        return path
+
+    def undo(self) -> None:
+        for logger in self.loggers:  # close the log file before removing it
+            for h in list(logger.handlers):
+                if getattr(h, 'baseFilename', None):
+                    h.close()
+                    logger.removeHandler(h)
+        for path in self.files:
+            if osp.exists(path):
+                os.remove(path)
+        for path in reversed(self.dirs):  # deepest first; only if empty
+            if osp.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
+def check_out_dir(path: str, cleanup: Cleanup) -> None:
+    missing, parent = [], osp.abspath(path)
+    while not osp.exists(parent):
+        missing.append(parent)
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        fail(f'--out-dir {path}: {parent} exists and is not a directory; pass '
+             'a directory path (it is created if missing).')
     try:
         os.makedirs(path, exist_ok=True)
+        cleanup.dirs.extend(reversed(missing))
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
         fail(f'--out-dir {path} is not writable ({e.strerror}); choose another '
              'directory.')
+
+
+def runner_model_cfg(cfg):
+    """The model config as mmengine's Runner builds it.
+
+    The Runner merges the config's top-level ``data_preprocessor`` (where
+    mmpretrain configs keep mean/std) into the model config; building
+    ``cfg.model`` alone would calibrate on unnormalised images while the stock
+    test script evaluates normalised ones.  Given to the wrapped model, as
+    GPLQModel does with it.
+    """
+    model = cfg.model.copy()
+    dp = cfg.get('data_preprocessor')
+    if dp is not None:
+        inner = model.model.copy()
+        inner.setdefault('data_preprocessor', dp.copy())
+        model.model = inner
+    return model
+
+
+def shape_mismatches(model, sd: dict) -> list:
+    """Tensors of ``sd`` whose shape differs from the model's (mmengine's
+    non-strict loading would only warn and keep random values)."""
+    target = model.state_dict()
+    bad = []
+    for k, v in sd.items():
+        key = k if k in target else f'model.{k}'  # FP32: keys without model.
+        if key in target and torch.is_tensor(v) and \
+                tuple(v.shape) != tuple(target[key].shape):
+            bad.append(f'{key} {tuple(v.shape)} in the checkpoint, '
+                       f'{tuple(target[key].shape)} in the model')
+    return bad
 
 
 def atomic_write(path: str, write) -> None:
@@ -108,6 +178,15 @@ def atomic_write(path: str, write) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cleanup = Cleanup()
+    try:
+        return quantize(args, cleanup)
+    except BaseException:  # incl. SystemExit from fail(): undo, then re-raise
+        cleanup.undo()
+        raise
+
+
+def quantize(args, cleanup: Cleanup) -> int:
     t_start = time.time()
     from mmengine.config import Config
     from mmengine.dist import get_rank, init_dist, is_main_process
@@ -116,8 +195,9 @@ def main(argv=None) -> int:
     from mmengine.runner import load_state_dict
 
     import gplq_mm
-    from gplq_mm.engine.safe_checkpoint import load_checkpoint_file
-    from gplq_mm.models.gplq_model import GPLQModel
+    from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
+                                                load_checkpoint_file)
+    from gplq_mm.models.gplq_model import CheckpointMismatchError, GPLQModel
     from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
                                    override_observers)
     from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
@@ -129,11 +209,13 @@ def main(argv=None) -> int:
         fail(f'checkpoint {args.checkpoint} does not exist.')
     if args.batch_size < 1:
         fail('--batch-size must be >= 1.')
+    if args.qwt_lambda < 0:
+        fail(f'--qwt-lambda {args.qwt_lambda}: the ridge lambda must be >= 0.')
     try:
         w_cfg = WeightQuantConfig(bits=args.w_bits, search=args.clip_search)
     except ValueError as e:
-        fail(str(e))
-    check_out_dir(args.out_dir)
+        fail(f'--w-bits {args.w_bits}: {e}')
+    check_out_dir(args.out_dir, cleanup)
     if args.launcher != 'none':
         init_dist(args.launcher, backend='gloo' if not torch.cuda.is_available()
                   else 'nccl')
@@ -142,9 +224,12 @@ def main(argv=None) -> int:
         cfg.merge_from_dict(args.cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     name = args.name or osp.splitext(osp.basename(args.config))[0]
+    # the log is renamed to <name>_w4a4.log once everything is written
+    log_path = osp.join(args.out_dir, f'{name}_w4a4.log')
+    log_tmp = cleanup.add_file(osp.join(args.out_dir, f'{name}_w4a4.tmp.log'))
     logger = MMLogger.get_instance(
-        'gplq_quantize', log_file=osp.join(args.out_dir, f'{name}_w4a4.log')
-        if is_main_process() else None)
+        'gplq_quantize', log_file=log_tmp if is_main_process() else None)
+    cleanup.loggers.append(logger)
     log = logger.info
 
     if cfg.model.get('type') != 'GPLQModel':
@@ -161,11 +246,38 @@ def main(argv=None) -> int:
              'config.')
     cfg.model.setdefault('quant', {})
     cfg.model.mimic = dict(enabled=False)  # no teacher needed in stage 2
-    model: GPLQModel = MODELS.build(cfg.model)
+    model: GPLQModel = MODELS.build(runner_model_cfg(cfg))
 
-    ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
+    try:
+        ckpt = load_checkpoint_file(args.checkpoint,
+                                    trust=args.trust_checkpoint)
+    except UnsafeCheckpointError as e:
+        fail(str(e))
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        msg = str(e)  # the safe loader's own message names the problem
+        if args.trust_checkpoint:
+            msg = (f'{args.checkpoint} is not a readable torch checkpoint '
+                   f'(truncated or corrupted?): {e}')
+        fail(msg)
+    if not isinstance(ckpt, dict):
+        fail(f'{args.checkpoint} holds a {type(ckpt).__name__}, not a '
+             'checkpoint dict (state_dict, meta).')
     sd = ckpt.get('state_dict', ckpt)
-    load_state_dict(model, sd, strict=False)  # GPLQModel raises on mismatch
+    bad_shapes = shape_mismatches(model, sd)
+    try:
+        model.load_state_dict(sd, strict=False)  # GPLQModel checks the keys
+    except CheckpointMismatchError as e:  # key sets differ
+        fail(f'{args.checkpoint} with config {args.config}: {e}')
+    except RuntimeError:  # torch: size mismatch (raised after the key check)
+        if not bad_shapes:
+            raise
+        more = f' ... (+{len(bad_shapes) - 3} more)' \
+            if len(bad_shapes) > 3 else ''
+        fail(f'checkpoint {args.checkpoint} does not match config '
+             f'{args.config}: {len(bad_shapes)} tensors have other shapes, '
+             f'e.g. {"; ".join(bad_shapes[:3])}{more}. The checkpoint is of '
+             'another model size (e.g. embed_dims); pass the config it was '
+             'trained with.')
     if args.method in ('gplq', 'qat') and not model.all_calibrated():
         fail(f'{args.checkpoint} has no activation scales (an FP32 '
              'checkpoint?). Run stage 1 (Act-QAT) first, or use --method repq '
@@ -177,8 +289,11 @@ def main(argv=None) -> int:
         fail('--method qat needs a checkpoint trained with quant.weight '
              '(direct W4A4 QAT); this config has no weight quantizers.')
 
-    loader = build_calib_loader(cfg, args.calib_images, args.batch_size,
-                                args.seed, args.calib_pipeline)
+    try:
+        loader = build_calib_loader(cfg, args.calib_images, args.batch_size,
+                                    args.seed, args.calib_pipeline)
+    except ValueError as e:  # --calib-images out of range
+        fail(str(e))
     log(f'calibration set: {args.calib_images} images (seed {args.seed}, '
         f'{args.calib_pipeline} pipeline), {len(loader)} batches on rank '
         f'{get_rank()}')
@@ -220,15 +335,16 @@ def main(argv=None) -> int:
         dataset_meta=ckpt.get('meta', {}).get('dataset_meta'))
     if not is_main_process():
         return 0
-    cfg_path = osp.join(args.out_dir, f'{name}_w4a4.py')
-    ckpt_path = osp.join(args.out_dir, f'{name}_w4a4.pth')
+    cfg_path = cleanup.add_file(osp.join(args.out_dir, f'{name}_w4a4.py'))
+    ckpt_path = cleanup.add_file(osp.join(args.out_dir, f'{name}_w4a4.pth'))
+    json_path = cleanup.add_file(osp.join(args.out_dir, f'{name}_w4a4.json'))
     # self-check: a model built from the written config must load the
     # checkpoint strictly and compute exactly what the converted model does
     atomic_write(cfg_path, lambda p: out_cfg.dump(p))
     atomic_write(ckpt_path, lambda p: torch.save(
         dict(state_dict=state, meta=meta), p))
     check = Config.fromfile(cfg_path)
-    rebuilt = MODELS.build(check.model)
+    rebuilt = MODELS.build(runner_model_cfg(check))
     loaded = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     load_state_dict(rebuilt, loaded['state_dict'], strict=True)
     rebuilt.eval()
@@ -256,8 +372,10 @@ def main(argv=None) -> int:
                    ptq_seconds=report.seconds,
                    peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    **sizes, report=report.to_dict())
-    atomic_write(osp.join(args.out_dir, f'{name}_w4a4.json'),
+    atomic_write(json_path,
                  lambda p: open(p, 'w').write(json.dumps(summary, indent=1)))
+    os.replace(log_tmp, log_path)  # the open handler follows the rename
+    cleanup.files.clear()  # success: keep everything
     log(f'wrote {cfg_path}\n      {ckpt_path}  '
         f'({sizes["w4a4_checkpoint_bytes"] / 2**20:.2f} MiB; source state dict '
         f'{src_sd_bytes / 2**20:.2f} MiB FP32)\n'
