@@ -34,7 +34,7 @@ _counter = itertools.count()
 
 
 def stock_script(pkg: str, which: str) -> str:
-    """``<site-packages>/<pkg>/.mim/tools/<which>.py`` (shipped in the wheel)."""
+    """``<site-packages>/<pkg>/.mim/tools/<which>.py`` (in the wheel)."""
     mod = __import__(pkg)
     path = osp.join(osp.dirname(mod.__file__), '.mim', 'tools', f'{which}.py')
     assert osp.isfile(path), f'{pkg} does not ship {path}'
@@ -65,7 +65,8 @@ def fp32_model_cfg(cfg: Config) -> dict:
     the way the Runner merges it."""
     mc = copy.deepcopy(cfg.get('fp32_model', cfg.model))
     if cfg.get('data_preprocessor') is not None:
-        mc.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
+        mc.setdefault('data_preprocessor',
+                      copy.deepcopy(cfg.data_preprocessor))
     return mc
 
 
@@ -83,7 +84,7 @@ def build(cfg: Config, model_cfg: Optional[dict] = None, seed: int = 0):
 
 
 def save_fp32_checkpoint(cfg: Config, path: str, seed: int = 0) -> Dict:
-    """A plain (FP32, unwrapped) model's checkpoint, as a user would have it."""
+    """A plain (FP32, unwrapped) model's checkpoint, as users have them."""
     model = build(cfg, fp32_model_cfg(cfg), seed=seed)
     sd = model.state_dict()
     torch.save({'state_dict': sd, 'meta': {}}, path)
@@ -148,7 +149,8 @@ class Recorder(Hook):
         if model.teacher is not None:
             self.teacher_before = {k: v.detach().clone() for k, v in
                                    model.teacher.state_dict().items()}
-            self.teacher_param_ids = {id(p) for p in model.teacher.parameters()}
+            self.teacher_param_ids = {
+                id(p) for p in model.teacher.parameters()}
             self.pca = tuple(t.detach().clone() for t in model.pca)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,

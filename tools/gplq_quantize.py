@@ -217,8 +217,17 @@ def quantize(args, cleanup: Cleanup) -> int:
         fail(f'--w-bits {args.w_bits}: {e}')
     check_out_dir(args.out_dir, cleanup)
     if args.launcher != 'none':
-        init_dist(args.launcher, backend='gloo' if not torch.cuda.is_available()
-                  else 'nccl')
+        # stage 2 computes on the CPU (QwT sums in float64): gloo either way.
+        # mmengine's init_dist also pins a CUDA device, which fails on a
+        # CPU-only machine, so there torchrun's environment is used directly.
+        if torch.cuda.is_available():
+            init_dist(args.launcher, backend='gloo')
+        elif args.launcher == 'pytorch':
+            torch.distributed.init_process_group(backend='gloo')
+        else:
+            fail(f'--launcher {args.launcher} needs GPUs (mmengine pins one '
+                 'per process); on a CPU-only machine start the processes '
+                 'with torchrun and pass --launcher pytorch.')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -294,6 +303,10 @@ def quantize(args, cleanup: Cleanup) -> int:
                                     args.seed, args.calib_pipeline)
     except ValueError as e:  # --calib-images out of range
         fail(str(e))
+    except FileNotFoundError as e:
+        fail(f'calibration data not found: {e}. Stage 2 reads its images from '
+             "the config's train_dataloader; point it at your copy, e.g. "
+             '--cfg-options train_dataloader.dataset.data_root=DIR/')
     log(f'calibration set: {args.calib_images} images (seed {args.seed}, '
         f'{args.calib_pipeline} pipeline), {len(loader)} batches on rank '
         f'{get_rank()}')

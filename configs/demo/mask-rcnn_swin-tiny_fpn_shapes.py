@@ -66,10 +66,12 @@ model = dict(
             in_channels=fpn_channels,
             conv_out_channels=fpn_channels,
             num_classes=num_classes)),
+    # at most a handful of objects per 128 px image: far fewer proposals and
+    # sampled RoIs than COCO's 2000 / 512 (RoIAlign and NMS dominate on CPU)
     train_cfg=dict(
-        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
-        rcnn=dict(sampler=dict(num=128))),
-    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=300)))
+        rpn_proposal=dict(nms_pre=500, max_per_img=150),
+        rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=150)))
 
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args=None),

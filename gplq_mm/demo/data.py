@@ -62,6 +62,20 @@ GENERATED_CLS_CLASSES: Tuple[str, ...] = ('circle', 'square', 'triangle',
 
 _MANIFEST = 'manifest.json'
 
+#: Knobs of the shapes renderer (radius in px at 128 px, scaled with img_size).
+#: Changing them changes the data: bump SHAPES_VERSION together with them.
+_SHAPES_STYLE = dict(
+    num_objects_p=(0.25, 0.35, 0.25, 0.15),  # P(1 object), P(2), ...
+    radius=(9.0, 30.0),  # log-uniform circumradius range
+    min_visible=0.65,  # every object keeps >= this fraction visible
+    min_pixels=40,  # ... and at least this many pixels
+    clutter=(1, 5),  # number of distractors, [lo, hi)
+    texture_p=(0.6, 0.1, 0.1, 0.1, 0.1),  # solid/stripes/checker/noise/grad
+    contrast=120.0,  # min L1 RGB distance to the local background (soft)
+    blotches=(10.0, 35.0),  # amplitude of low-frequency background noise
+    noise=(2.0, 6.0),  # sensor noise sigma range
+)
+
 
 # --------------------------------------------------------------------------
 # manifest / output-directory handling
@@ -139,7 +153,8 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int,
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int,
+                blotches=(10.0, 35.0)) -> np.ndarray:
     """Gradient + low-frequency blotches; float32 HxWx3 in [0, 255]."""
     c0 = _hsv_color(rng, s_range=(0.0, 0.6), v_range=(0.2, 0.95))
     c1 = _hsv_color(rng, s_range=(0.0, 0.6), v_range=(0.2, 0.95))
@@ -149,13 +164,15 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
     blot = _smooth_noise(rng, h, w, int(rng.integers(3, 7)))
-    img += blot[..., None] * rng.uniform(10, 35) * rng.uniform(
+    img += blot[..., None] * rng.uniform(*blotches) * rng.uniform(
         0.5, 1.0, size=3).astype(np.float32)
     return img
 
 
 def _texture(rng: np.random.Generator, h: int, w: int,
-             avoid: Optional[np.ndarray] = None) -> np.ndarray:
+             avoid: Optional[np.ndarray] = None,
+             kind_p: Sequence[float] = (0.6, 0.1, 0.1, 0.1, 0.1),
+             contrast: float = 120.0) -> np.ndarray:
     """A random fill pattern (float32 HxWx3).
 
     ``avoid`` is the local background colour; the main colour is re-drawn a few
@@ -164,11 +181,11 @@ def _texture(rng: np.random.Generator, h: int, w: int,
     c0 = _hsv_color(rng)
     if avoid is not None:
         for _ in range(6):
-            if np.abs(c0 - avoid).sum() > 120:
+            if np.abs(c0 - avoid).sum() > contrast:
                 break
             c0 = _hsv_color(rng)
     kind = rng.choice(['solid', 'stripes', 'checker', 'noise', 'gradient'],
-                      p=[0.4, 0.15, 0.1, 0.2, 0.15])
+                      p=list(kind_p))
     if kind == 'solid':
         return np.broadcast_to(c0, (h, w, 3)).astype(np.float32)
     c1 = np.clip(c0 + rng.uniform(-110, 110, size=3), 0, 255).astype(
@@ -304,15 +321,18 @@ def _finish(rng: np.random.Generator, img: np.ndarray, sigma_range) -> np.ndarra
 # --------------------------------------------------------------------------
 def _render_shapes_image(rng: np.random.Generator, size: int):
     """One image and its instances ``[(label, visible_mask)]`` (back to front)."""
-    img = _background(rng, size, size)
-    _clutter(rng, img, int(rng.integers(2, 8)), size / 128)
-    n_obj = int(rng.choice([1, 2, 3, 4, 5], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
+    st = _SHAPES_STYLE
+    img = _background(rng, size, size, st['blotches'])
+    _clutter(rng, img, int(rng.integers(*st['clutter'])), size / 128)
+    n_obj = 1 + int(rng.choice(len(st['num_objects_p']),
+                               p=list(st['num_objects_p'])))
+    lo, hi = st['radius']
     masks: List[np.ndarray] = []  # full in-image masks, back to front
     labels: List[int] = []
     for _ in range(n_obj):
         for _try in range(20):
             label = int(rng.integers(len(SHAPES_CLASSES)))
-            r = float(np.exp(rng.uniform(np.log(7), np.log(30))) * size / 128)
+            r = float(np.exp(rng.uniform(np.log(lo), np.log(hi))) * size / 128)
             cx, cy = rng.uniform(0.3 * r, size - 0.3 * r, size=2)
             angle = float(rng.uniform(0, 2 * np.pi))
             aspect = float(np.exp(rng.uniform(-0.25, 0.25)))
@@ -324,12 +344,13 @@ def _render_shapes_image(rng: np.random.Generator, size: int):
             m = big[pad:pad + size, pad:pad + size]
             if m.sum() < 30 or m.sum() < 0.6 * big.sum():
                 continue
-            # every earlier object must keep >= 55% (and >= 30 px) visible
+            # every earlier object must keep enough of itself visible
             ok = True
             cover = m.copy()
             for j in range(len(masks) - 1, -1, -1):
                 vis = masks[j] & ~cover
-                if vis.sum() < max(0.55 * masks[j].sum(), 30):
+                if vis.sum() < max(st['min_visible'] * masks[j].sum(),
+                                   st['min_pixels']):
                     ok = False
                     break
                 cover |= masks[j]
@@ -338,12 +359,13 @@ def _render_shapes_image(rng: np.random.Generator, size: int):
             # paint it
             ys, xs = np.nonzero(m)
             avoid = img[int(ys.mean()), int(xs.mean())].copy()
-            tex = _texture(rng, size, size, avoid=avoid)
+            tex = _texture(rng, size, size, avoid=avoid,
+                           kind_p=st['texture_p'], contrast=st['contrast'])
             img[m] = tex[m]
             masks.append(m)
             labels.append(label)
             break
-    img = _finish(rng, img, (2, 8))
+    img = _finish(rng, img, st['noise'])
     # visible masks: subtract everything painted later
     visible = []
     cover = np.zeros((size, size), bool)

@@ -11,7 +11,12 @@ from typing import Dict, Optional, Type
 import torch
 from torch import nn
 
-from gplq_mm.quant import ActQuantizer, QuantConfig
+from gplq_mm.quant import ActQuantizer, QState, QuantConfig
+from gplq_mm.quant.functional import quant_attention
+
+# Use the fused, recomputing attention core whenever it applies (set to False
+# to run the plain op-by-op forward, e.g. to compare the two).
+FUSED_ATTENTION = True
 
 _QUANT_CLASSES: Dict[type, type] = {}
 
@@ -39,6 +44,42 @@ class _QAttnMixin:
     def _head_dims(self) -> int:
         return self.embed_dims // self.num_heads
 
+    def _fused_quant_specs(self, q: torch.Tensor, attn_drop_active: bool):
+        """Quantizer arguments of :func:`quant_attention`, or ``None`` when
+        the op-by-op forward must run (calibration, quantizers off, attention
+        dropout, autocast, mixed dtypes)."""
+        if not FUSED_ATTENTION or attn_drop_active or \
+                torch.is_autocast_enabled(q.device.type):
+            return None
+        specs = []
+        for attr in ('q_quant', 'k_quant', 'v_quant', 'attn_quant'):
+            qz = getattr(self, attr)
+            if not isinstance(qz, ActQuantizer):
+                specs.append(None)
+                continue
+            if qz.state not in (QState.LEARNING, QState.FROZEN):
+                return None
+            s = qz.effective_scale(q.ndim)
+            if s.dtype != q.dtype:
+                return None
+            if qz.cfg.kind == 'log2':
+                specs.append(('log2', s.detach(), qz.cfg.bits))
+            elif attr == 'attn_quant':
+                specs.append(('uniform', s, qz.cfg.qmin, qz.cfg.qmax))
+            else:
+                specs.append((s, qz.cfg.qmin, qz.cfg.qmax))
+        return specs
+
+    def _check_quant_inputs(self, q, k, v) -> None:
+        for attr, t in (('q_quant', q), ('k_quant', k), ('v_quant', v)):
+            qz = getattr(self, attr)
+            if isinstance(qz, ActQuantizer):
+                qz.check_ready(t)
+        if isinstance(self.attn_quant, ActQuantizer):
+            # the probabilities are [B, h, N, N]; only per-tensor is allowed
+            if not bool(self.attn_quant.initialized):
+                self.attn_quant.check_ready(q)
+
 
 class QWindowMSAMixin(_QAttnMixin):
     """Forward of mmdet/mmpretrain ``WindowMSA`` with quantized matmul inputs."""
@@ -48,13 +89,22 @@ class QWindowMSAMixin(_QAttnMixin):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
                                   C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        q = self.q_quant(q * self.scale)
-        attn = q @ self.k_quant(k).transpose(-2, -1)
         bias = self.relative_position_bias_table[
             self.relative_position_index.view(-1)].view(
                 self.window_size[0] * self.window_size[1],
                 self.window_size[0] * self.window_size[1], -1)
-        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        bias = bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        specs = self._fused_quant_specs(
+            q, self.training and self.attn_drop.p > 0)
+        if specs is not None:
+            self._check_quant_inputs(q, k, v)
+            x = quant_attention(q, k, v, self.scale, *specs, bias=bias,
+                                mask=mask)
+            x = x.transpose(1, 2).reshape(B, N, C)
+            return self.proj_drop(self.proj(x))
+        q = self.q_quant(q * self.scale)
+        attn = q @ self.k_quant(k).transpose(-2, -1)
+        attn = attn + bias
         if mask is not None:
             nW = mask.shape[0]
             attn = attn.view(B // nW, nW, self.num_heads, N,
@@ -84,11 +134,18 @@ class QMultiheadAttentionMixin(_QAttnMixin):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
                                   self.head_dims).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        q = self.q_quant(q * self.head_dims**-0.5)
-        attn = self.attn_quant((q @ self.k_quant(k).transpose(-2, -1)).softmax(-1))
-        if self.training and self.attn_drop > 0:
-            attn = torch.nn.functional.dropout(attn, self.attn_drop)
-        x = attn @ self.v_quant(v)
+        specs = self._fused_quant_specs(
+            q, self.training and self.attn_drop > 0)
+        if specs is not None:
+            self._check_quant_inputs(q, k, v)
+            x = quant_attention(q, k, v, self.head_dims**-0.5, *specs)
+        else:
+            q = self.q_quant(q * self.head_dims**-0.5)
+            attn = self.attn_quant(
+                (q @ self.k_quant(k).transpose(-2, -1)).softmax(-1))
+            if self.training and self.attn_drop > 0:
+                attn = torch.nn.functional.dropout(attn, self.attn_drop)
+            x = attn @ self.v_quant(v)
         x = x.transpose(1, 2).reshape(B, N, self.embed_dims)
         x = self.proj(x)
         x = self.out_drop(self.gamma1(self.proj_drop(x)))

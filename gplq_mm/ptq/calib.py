@@ -55,6 +55,10 @@ def build_calib_loader(cfg, num_images: int, batch_size: int, seed: int,
     dataset = DATASETS.build(ds_cfg)
     idx = calibration_indices(len(dataset), num_images, seed)
     rank, world = get_dist_info()
+    if num_images < world:  # a rank without batches would stall the all-reduce
+        raise ValueError(f'--calib-images {num_images} is smaller than the '
+                         f'number of processes ({world}): pass at least '
+                         f'{world}.')
     idx = idx[rank::world]
     collate = cfg.train_dataloader.get('collate_fn',
                                        dict(type='pseudo_collate'))

@@ -38,6 +38,53 @@ def choose_qparams(absmax: Tensor, qmax: int) -> Tensor:
     return scale
 
 
+def _fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int,
+                inplace: bool = False) -> Tensor:
+    """``clamp(round(x / s), qmin, qmax) * s`` with at most one allocation.
+
+    Bitwise equal to the out-of-place expression: the same four operations in
+    the same order, done in place on one buffer (CPU elementwise passes are
+    memory bound, and every fresh full-size temporary costs page faults).
+    ``inplace=True`` reuses ``x`` itself when the result has its dtype/shape.
+    """
+    if inplace and torch.result_type(x, scale) == x.dtype and \
+            torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
+        out = x.div_(scale)
+    else:
+        out = torch.div(x, scale)
+    return out.round_().clamp_(qmin, qmax).mul_(scale)
+
+
+def _ratio_and_mask(x: Tensor, scale: Tensor, qmin: int, qmax: int):
+    """``(mask, c)`` with ``c = clamp(x / s, qmin, qmax)`` and ``mask`` the
+    float indicator (1/0, dtype of ``c``) of ``qmin <= x / s <= qmax``.
+
+    Two buffers; the comparison is written straight into the first one.
+    """
+    v = torch.div(x, scale)
+    c = v.clamp(qmin, qmax)
+    torch.eq(c, v, out=v)  # inside <=> clamping changed nothing
+    return v, c
+
+
+def _lsq_scale_grad(grad: Tensor, mask: Tensor, c: Tensor, scale: Tensor,
+                    grad_factor: float, codes_done: bool = False,
+                    cm: Optional[Tensor] = None) -> Tensor:
+    """LSQ scale gradient from ``mask``/``c`` of :func:`_ratio_and_mask`.
+
+    ``ds = round(c) - c * mask`` equals the LSQ factor exactly: ``round(v) - v``
+    inside, ``qmin``/``qmax`` below/above.  Destroys ``c`` (and ``mask`` unless
+    ``cm = c * mask`` is passed in; with ``codes_done`` ``c`` already holds
+    ``round(c)``).
+    """
+    if cm is None:
+        cm = mask.mul_(c)
+    if not codes_done:
+        c.round_()
+    ds = c.sub_(cm).mul_(grad)
+    return ds.sum_to_size(scale.shape) * grad_factor
+
+
 class _LSQFakeQuant(torch.autograd.Function):
     """LSQ fake quantization; saves only ``x`` and ``scale`` for backward."""
 
@@ -45,7 +92,7 @@ class _LSQFakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, qmin, qmax, grad_factor):
         ctx.save_for_backward(x, scale)
         ctx.q = (qmin, qmax, grad_factor)
-        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+        return _fake_quant(x, scale, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):
@@ -63,18 +110,17 @@ def lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, qmin: int, qmax: int,
     Input: straight-through inside the clipping range, zero outside.
     Scale (Esser et al. 2019, eq. 3): ``round(v) - v`` inside, ``qmin``/``qmax``
     below/above, times ``grad_factor`` and summed to the scale's shape.
+
+    Written for CPU memory traffic: two full-size temporaries besides the
+    returned ``grad_x``, no boolean or ``torch.where`` intermediates.
     """
-    v = x / scale
-    below = v < qmin
-    above = v > qmax
-    inside = ~(below | above)
-    grad_x = grad * inside
+    mask, c = _ratio_and_mask(x, scale, qmin, qmax)
+    grad_x = grad * mask
+    if grad_x.dtype != grad.dtype:
+        grad_x = grad_x.to(grad.dtype)
     grad_s = None
     if need_scale_grad:
-        ds = torch.where(below, torch.full_like(v, qmin),
-                         torch.where(above, torch.full_like(v, qmax),
-                                     torch.round(v) - v))
-        grad_s = (grad * ds).sum_to_size(scale.shape) * grad_factor
+        grad_s = _lsq_scale_grad(grad, mask, c, scale, grad_factor)
     return grad_x, grad_s
 
 
@@ -114,7 +160,7 @@ class _Log2FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, bits):
-        return log2_dequantize(log2_quantize(x, scale, bits), scale, bits)
+        return _log2_fake_quant(x, scale, bits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -133,10 +179,54 @@ def log2_quantize(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.where((k >= top) | (ratio <= 0), torch.full_like(k, top), k)
 
 
+def _exp2(t: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``2 ** t`` for the half-integer exponents of the log-sqrt2 grid.
+
+    ``torch.exp2`` is ~10x faster than ``torch.pow(2.0, t)`` on CPU and gives
+    the same bits for every exponent ``-k/2`` (k = 0..255) in float32,
+    bfloat16 and float16 (checked exhaustively in the tests); float64 keeps
+    ``pow``, whose vectorised path differs from ``exp2`` in the last bit.
+    """
+    if t.dtype == torch.float64:
+        return torch.pow(2.0, t, out=out) if out is not None \
+            else torch.pow(2.0, t)
+    return torch.exp2(t, out=out) if out is not None else torch.exp2(t)
+
+
 def log2_dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
     top = 2**bits - 1
-    val = scale * torch.pow(2.0, -codes / 2.0)
+    val = scale * _exp2(-codes / 2.0)
     return torch.where(codes >= top, torch.zeros_like(val), val)
+
+
+def _log2_fake_quant(x: Tensor, scale: Tensor, bits: int,
+                     inplace: bool = False,
+                     scratch: Optional[Tensor] = None) -> Tensor:
+    """``log2_dequantize(log2_quantize(x, s, b), s, b)`` on one buffer.
+
+    The same operations in the same order (bitwise equal), in place; the
+    zero mask is a float multiplier instead of ``torch.where`` chains,
+    written into ``scratch`` (a free buffer of the result's shape and dtype)
+    when one is given.
+    """
+    top = 2**bits - 1
+    if inplace and torch.result_type(x, scale) == x.dtype and \
+            torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
+        r = x.div_(scale)
+    else:
+        r = torch.div(x, scale)
+    # ratio <= 0 maps to k = round(-2 log2(1e-30)) = 199 >= top for
+    # bits <= 7, i.e. to zero anyway; 8 bits needs the explicit test
+    keep = torch.gt(r, 0, out=torch.empty_like(r)) if top > 199 else None
+    k = r.clamp_(min=1e-30).log2_().mul_(-2.0).round_().clamp_(min=0.0)
+    if scratch is None or scratch.shape != k.shape or \
+            scratch.dtype != k.dtype:
+        scratch = torch.empty_like(k)
+    below_top = torch.lt(k, top, out=scratch)  # 1.0 / 0.0
+    if keep is not None:
+        below_top.mul_(keep)
+    val = _exp2(k.mul_(-0.5), out=k).mul_(scale)
+    return val.mul_(below_top)
 
 
 def fake_quantize_log2(x: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -208,34 +298,42 @@ class _LSQLinear(torch.autograd.Function):
 
     The quantized input is recomputed in backward, so Act-QAT keeps one copy
     of each activation (the FP32 input) like FP32 training does, instead of
-    the FP32 input plus its quantized copy.
+    the FP32 input plus its quantized copy.  The weight gradient is taken on
+    the integer codes and rescaled per input channel afterwards
+    (``g^T (q s) = (g^T q) s``), which saves a full-size pass.
     """
 
     @staticmethod
     def forward(ctx, x, scale, weight, bias, qmin, qmax, grad_factor):
-        xq = torch.clamp(torch.round(x / scale), qmin, qmax) * scale
         ctx.save_for_backward(x, scale, weight)
         ctx.q = (qmin, qmax, grad_factor, bias is not None)
-        return torch.nn.functional.linear(xq, weight, bias)
+        return torch.nn.functional.linear(_fake_quant(x, scale, qmin, qmax),
+                                          weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, weight = ctx.saved_tensors
         qmin, qmax, grad_factor, has_bias = ctx.q
-        grad_w = grad_b = None
+        grad_w = grad_b = grad_x = grad_s = None
         need_x, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         g2 = grad.reshape(-1, grad.shape[-1])
-        if need_w:
-            xq = torch.clamp(torch.round(x / scale), qmin, qmax) * scale
-            grad_w = g2.t().mm(xq.reshape(-1, xq.shape[-1]).to(g2.dtype))
-            del xq
         if has_bias and need_b:
             grad_b = g2.sum(0)
-        grad_x = grad_s = None
+        if not (need_x or need_s or need_w):
+            return grad_x, grad_s, grad_w, grad_b, None, None, None
+        mask, c = _ratio_and_mask(x, scale, qmin, qmax)
+        cm = torch.mul(mask, c) if need_s else None
+        c.round_()  # integer codes
+        if need_w:
+            grad_w = g2.t().mm(c.reshape(-1, c.shape[-1]).to(g2.dtype))
+            grad_w.mul_(scale)
         if need_x or need_s:
             grad_xq = grad.matmul(weight.to(grad.dtype))
-            grad_x, grad_s = lsq_backward(grad_xq, x, scale, qmin, qmax,
-                                          grad_factor, need_s)
+            if need_s:
+                grad_s = _lsq_scale_grad(grad_xq, mask, c, scale, grad_factor,
+                                         codes_done=True, cm=cm)
+            if need_x:
+                grad_x = grad_xq.mul_(mask)
         return grad_x, grad_s, grad_w, grad_b, None, None, None
 
 
@@ -250,6 +348,244 @@ def lsq_linear(x: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor],
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x.numel(), scale.numel(), qmax)
     return _LSQLinear.apply(x, scale, weight, bias, qmin, qmax, grad_factor)
+
+
+class _LSQConv2d(torch.autograd.Function):
+    """``conv2d(fake_quant_lsq(x), w, b)`` saving only ``x``, ``scale``, ``w``.
+
+    As :class:`_LSQLinear` for a zero-padded ``Conv2d`` whose input is
+    quantized per input channel (scale ``[C]`` along axis 1) or per tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, weight, bias, stride, padding, dilation, groups,
+                qmin, qmax, grad_factor):
+        s = scale_view(scale, x.ndim, 1)
+        ctx.save_for_backward(x, scale, weight)
+        ctx.q = (qmin, qmax, grad_factor, bias is not None, stride, padding,
+                 dilation, groups)
+        return torch.nn.functional.conv2d(_fake_quant(x, s, qmin, qmax),
+                                          weight, bias, stride, padding,
+                                          dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, weight = ctx.saved_tensors
+        (qmin, qmax, grad_factor, has_bias, stride, padding, dilation,
+         groups) = ctx.q
+        need_x, need_s, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_s = grad_w = grad_b = None
+        if not (need_x or need_s or need_w or need_b):
+            return (None, ) * 11
+        s = scale_view(scale, x.ndim, 1)
+        mask, c = _ratio_and_mask(x, s, qmin, qmax)
+        cm = torch.mul(mask, c) if need_s else None
+        c.round_()  # integer codes
+        gin, gw, gb = torch.ops.aten.convolution_backward(
+            grad, c.to(grad.dtype), weight.to(grad.dtype),
+            [weight.shape[0]] if has_bias else None, stride, padding,
+            dilation, False, [0, 0], groups,
+            [need_x or need_s, need_w, has_bias and need_b])
+        if need_w:
+            # d/dW of conv(q * s) = (d/dW of conv(q)) * s[input channel]
+            sw = s.reshape(-1)
+            if sw.numel() > 1:
+                cin_g = weight.shape[1]
+                sw = sw.reshape(groups, 1, cin_g).expand(
+                    groups, weight.shape[0] // groups, cin_g).reshape(
+                        weight.shape[0], cin_g, 1, 1)
+            else:
+                sw = sw.reshape(())
+            grad_w = gw.mul_(sw)
+        if has_bias and need_b:
+            grad_b = gb
+        if need_s:
+            grad_s = _lsq_scale_grad(gin, mask, c, s, grad_factor,
+                                     codes_done=True, cm=cm)
+            grad_s = grad_s.reshape(scale.shape)
+        if need_x:
+            grad_x = gin.mul_(mask)
+        return (grad_x, grad_s, grad_w, grad_b) + (None, ) * 7
+
+
+def lsq_conv2d(x: Tensor, scale: Tensor, weight: Tensor,
+               bias: Optional[Tensor], stride, padding, dilation, groups: int,
+               qmin: int, qmax: int,
+               grad_factor: Optional[float] = None) -> Tensor:
+    """Memory-lean ``F.conv2d(fake_quantize_lsq(x, s), weight, bias, ...)``.
+
+    ``scale``: ``[C_in]`` (per input channel, axis 1 of ``x``) or a single
+    value.  Zero padding only (``padding`` as numbers, not a string).
+    """
+    if grad_factor is None:
+        grad_factor = lsq_grad_factor(x.numel(), scale.numel(), qmax)
+    return _LSQConv2d.apply(x, scale, weight, bias, _pair(stride),
+                            _pair(padding), _pair(dilation), groups, qmin,
+                            qmax, grad_factor)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class _QuantAttention(torch.autograd.Function):
+    """Quantized attention core that recomputes its internals in backward.
+
+    ``out = Qp(softmax(Qq(q * mult) @ Qk(k)^T + bias [+ mask])) @ Qv(v)``
+    with LSQ quantizers ``Qq, Qk, Qv`` (any granularity; ``None`` = float)
+    and a post-softmax quantizer ``Qp`` (log-sqrt2 with a straight-through
+    gradient, or LSQ uniform).  Only ``q, k, v`` (views of the qkv output,
+    which FP32 attention keeps as well), the scales and the bias are saved:
+    the quantized copies of q/k/v, the ``[B, h, N, N]`` logits, softmax output
+    and quantized probabilities are rebuilt in backward, so Act-QAT attention
+    holds no more activations than FP32 (flash) attention does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, sq, sk, sv, sp, spec):
+        ctx.save_for_backward(q, k, v, bias, sq, sk, sv, sp)
+        ctx.spec = spec
+        with torch.no_grad():
+            return _attn_forward(q, k, v, bias, sq, sk, sv, sp, spec)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, bias, sq, sk, sv, sp = ctx.saved_tensors
+        spec = ctx.spec
+        mult, qs, ks, vs, ps, mask, nw = spec
+        need = ctx.needs_input_grad
+        _, qq, kq, vq, p, pq = _attn_forward(q, k, v, bias, sq, sk, sv, sp,
+                                             spec, keep=True)
+        grad_v = grad_sv = grad_q = grad_sq = grad_k = grad_sk = None
+        grad_bias = grad_sp = None
+        grad_pq = grad.matmul(vq.transpose(-2, -1))
+        if need[2] or need[6]:
+            grad_vq = pq.transpose(-2, -1).matmul(grad)
+            grad_v, grad_sv = _quant_input_grad(grad_vq, v, sv, vs, need[6])
+            del grad_vq
+        del pq, vq
+        if ps is not None and ps[0] == 'uniform':
+            grad_p, grad_sp = lsq_backward(grad_pq, p, sp, ps[1], ps[2],
+                                           ps[3], need[7])
+        else:
+            grad_p = grad_pq  # log-sqrt2: straight through
+        del grad_pq
+        grad_attn = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+        del grad_p, p
+        if bias is not None and need[3]:
+            grad_bias = grad_attn.sum_to_size(bias.shape)
+        if need[1] or need[5]:
+            grad_kq = grad_attn.transpose(-2, -1).matmul(qq)
+            grad_k, grad_sk = _quant_input_grad(grad_kq, k, sk, ks, need[5])
+            del grad_kq
+        if need[0] or need[4]:
+            grad_qq = grad_attn.matmul(kq)
+            del grad_attn, kq, qq
+            qm = q * mult
+            grad_qm, grad_sq = _quant_input_grad(grad_qq, qm, sq, qs, need[4])
+            grad_q = grad_qm.mul_(mult) if need[0] else None
+        return (grad_q, grad_k, grad_v, grad_bias, grad_sq, grad_sk, grad_sv,
+                grad_sp, None)
+
+
+def _quant_input_grad(grad, x, scale, spec, need_scale):
+    if spec is None:
+        return grad, None
+    return lsq_backward(grad, x, scale, spec[0], spec[1], spec[2], need_scale)
+
+
+def _attn_forward(q, k, v, bias, sq, sk, sv, sp, spec, keep: bool = False):
+    """Forward of :class:`_QuantAttention`, bitwise equal to the unfused ops.
+
+    ``keep``: also return the quantized inputs, the softmax output and the
+    quantized probabilities (backward needs them).
+    """
+    mult, qs, ks, vs, ps, mask, nw = spec
+    qq = q * mult
+    if qs is not None:
+        qq = _fake_quant(qq, sq, qs[0], qs[1], inplace=True)
+    kq = k if ks is None else _fake_quant(k, sk, ks[0], ks[1])
+    vq = v if vs is None else _fake_quant(v, sv, vs[0], vs[1])
+    attn = qq.matmul(kq.transpose(-2, -1))
+    if bias is not None:
+        attn = _add(attn, bias)
+    if mask is not None:
+        b_, h, n, _ = attn.shape
+        attn = _add(attn.view(b_ // nw, nw, h, n, n),
+                    mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, n)
+    p = torch.softmax(attn, -1)
+    if ps is None:
+        pq = p
+    elif ps[0] == 'log2':
+        pq = _log2_fake_quant(p, sp, ps[1], inplace=not keep, scratch=attn)
+    else:
+        pq = _fake_quant(p, sp, ps[1], ps[2], inplace=not keep)
+    del attn
+    out = pq.matmul(vq)
+    if not keep:
+        return out, None, None, None, None, None
+    return out, qq, kq, vq, p, pq
+
+
+def _add(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``, in place when that gives the same result (``a`` is ours)."""
+    if torch.result_type(a, b) == a.dtype and \
+            torch.broadcast_shapes(a.shape, b.shape) == a.shape:
+        return a.add_(b)
+    return a + b
+
+
+def quant_attention(q: Tensor, k: Tensor, v: Tensor, mult: float,
+                    q_quant=None, k_quant=None, v_quant=None, p_quant=None,
+                    bias: Optional[Tensor] = None,
+                    mask: Optional[Tensor] = None) -> Tensor:
+    """``Qp(softmax(Qq(q * mult) @ Qk(k)^T + bias [+ mask])) @ Qv(v)``.
+
+    Args:
+        q, k, v: ``[B, h, N, d]``.
+        mult: Query scaling (``head_dim ** -0.5`` or the module's ``scale``).
+        q_quant, k_quant, v_quant: ``None`` (float) or ``(scale, qmin, qmax)``
+            with ``scale`` broadcastable to ``[B, h, N, d]`` (detach it to
+            freeze it) and optionally a 4th entry, the LSQ gradient factor.
+        p_quant: ``None``, ``('log2', scale, bits)`` (straight-through) or
+            ``('uniform', scale, qmin, qmax[, grad_factor])``.
+        bias: Added to the logits, broadcastable to ``[B, h, N, N]`` (e.g. a
+            relative position bias ``[1, h, N, N]``); gets a gradient.
+        mask: ``[nW, N, N]`` shifted-window mask (no gradient); the batch is
+            ``B = batch * nW``, as in Swin's ``WindowMSA``.
+
+    Returns:
+        ``[B, h, N, d]``, equal to the unfused ops (forward bitwise, gradients
+        up to float reassociation), with only ``q, k, v`` kept for backward.
+    """
+    def spec_of(qz, x):
+        if qz is None:
+            return None, None
+        scale, qmin, qmax = qz[:3]
+        gf = qz[3] if len(qz) > 3 else lsq_grad_factor(x.numel(),
+                                                       scale.numel(), qmax)
+        return scale, (qmin, qmax, gf)
+
+    sq, qs = spec_of(q_quant, q)
+    sk, ks = spec_of(k_quant, k)
+    sv, vs = spec_of(v_quant, v)
+    sp = ps = None
+    if p_quant is not None:
+        if p_quant[0] == 'log2':
+            sp, ps = p_quant[1], ('log2', p_quant[2])
+        elif p_quant[0] == 'uniform':
+            sp = p_quant[1]
+            qmin, qmax = p_quant[2], p_quant[3]
+            b_, h, n = q.shape[0], q.shape[1], q.shape[2]
+            gf = p_quant[4] if len(p_quant) > 4 else lsq_grad_factor(
+                b_ * h * n * k.shape[2], sp.numel(), qmax)
+            ps = ('uniform', qmin, qmax, gf)
+        else:
+            raise ValueError(f'p_quant kind {p_quant[0]!r}: use "log2" or '
+                             '"uniform".')
+    nw = None if mask is None else mask.shape[0]
+    spec = (mult, qs, ks, vs, ps, mask, nw)
+    return _QuantAttention.apply(q, k, v, bias, sq, sk, sv, sp, spec)
 
 
 def percentile_from_histogram(hist: Tensor, edges_lo: Tensor, width: Tensor,

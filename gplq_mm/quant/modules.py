@@ -132,9 +132,19 @@ class QConv2d(nn.Conv2d):
         return _folded_fake_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_quant is not None:
-            x = self.act_quant(x)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        w = self.quantized_weight()
+        aq = self.act_quant
+        if aq is not None and aq.state in (QState.LEARNING, QState.FROZEN) \
+                and aq.cfg.kind == 'uniform' and self.padding_mode == 'zeros' \
+                and not isinstance(self.padding, str) and x.ndim == 4:
+            aq.check_ready(x)
+            s = aq.effective_scale(2)  # [C] (axis 1 of a 2-D view) or scalar
+            return QF.lsq_conv2d(x, s, w, self.bias, self.stride, self.padding,
+                                 self.dilation, self.groups, aq.cfg.qmin,
+                                 aq.cfg.qmax)
+        if aq is not None:
+            x = aq(x)
+        return self._conv_forward(x, w, self.bias)
 
 
 def _input_scale_for_weight(act_scale: Tensor, weight_shape) -> Tensor:

@@ -1,7 +1,7 @@
 # Stage 1 (Act-QAT, W32A4) of the micro Mask R-CNN: the same wrapping as
 # configs/gplq/gplq_mask-rcnn_swin-t-p4-w7_fpn_1x_coco_w32a4.py, on the test
-# fixture.  The FP32 checkpoint is passed with --cfg-options load_from=...
-# (tests set cfg.load_from).
+# fixture (LR 1e-4 for the few micro iterations). The FP32 checkpoint is
+# passed with --cfg-options load_from=... (tests set cfg.load_from).
 _base_ = './mask-rcnn_swin-micro_fpn_shapes.py'
 custom_imports = dict(imports=['gplq_mm'], allow_failed_imports=False)
 

@@ -1,5 +1,6 @@
-# Stage 1 (Act-QAT, W32A4) of the micro swin classifier, wrapped exactly as
-# configs/gplq/gplq_swin-*_in1k_w32a4.py (PCA feature mimicking on).
+# Stage 1 (Act-QAT, W32A4) of the micro Swin classifier, wrapped as
+# configs/gplq/gplq_swin-*_in1k_w32a4.py (PCA feature mimicking on). For the
+# micro model and data: PCA k a multiple of 8 (of 32 features), LR 1e-4.
 _base_ = './swin-micro_cls.py'
 custom_imports = dict(imports=['gplq_mm'], allow_failed_imports=False)
 

@@ -1,4 +1,5 @@
-# Micro FP32 Mask R-CNN + mmdet Swin on the generated "shapes" COCO set (64 px).
+# Micro FP32 Mask R-CNN + mmdet Swin on the generated "shapes" COCO set
+# (64 px).
 #
 # Test fixture: inherits the official mmdet Swin-T Mask R-CNN config and only
 # shrinks sizes, so the real modules (mmdet SwinTransformer with shifted

@@ -53,7 +53,8 @@ randomness = dict(seed=0)
 
 model = dict(
     backbone=dict(
-        arch=dict(_delete_=True, embed_dims=16, depths=[2, 2], num_heads=[1, 2]),
+        arch=dict(
+            _delete_=True, embed_dims=16, depths=[2, 2], num_heads=[1, 2]),
         img_size=img_size,
         window_size=4,
         out_indices=(1, ),

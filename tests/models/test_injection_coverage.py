@@ -8,6 +8,7 @@ import re
 
 import mmdet
 import pytest
+import torch
 from mmcv.cnn.bricks import wrappers
 from mmengine.config import Config
 from torch import nn
@@ -135,6 +136,8 @@ def _resnet_mask_rcnn_cfg(**backbone) -> Config:
     m = cfg.model
     m.backbone.update(depth=18, init_cfg=None, **backbone)
     m.neck.in_channels = [64, 128, 256, 512]
+    m.roi_head.bbox_head.fc_out_channels = 64
+    m.test_cfg.rpn.update(nms_pre=100, max_per_img=20)
     return cfg
 
 
@@ -167,6 +170,26 @@ def test_unknown_backbone_raises_and_generic_works():
     assert inner.backbone.conv1.act_quant.cfg.bits == 8  # the image input
     assert inner.backbone.layer1[0].conv1.act_quant.cfg.bits == 4
     assert len(wrapper.report.records) == len(lin) + len(conv)
+
+    # and it runs: calibrate on a batch, then a quantized forward
+    from mmdet.structures import DetDataSample
+    meta = dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
+                batch_input_shape=(64, 64), scale_factor=(1.0, 1.0))
+    x = torch.randn(2, 3, 64, 64)
+    samples = [DetDataSample(metainfo=meta) for _ in range(2)]
+    wrapper.eval()
+    with torch.no_grad():
+        wrapper.set_quant_state('calibrating')
+        ref = wrapper(x, samples, mode='tensor')
+        for _, q in wrapper.act_quantizers():
+            q.finish_calibration()
+        assert wrapper.all_calibrated()
+        out = wrapper(x, samples, mode='tensor')
+    flat = [t for t in torch.utils._pytree.tree_leaves(out)
+            if torch.is_tensor(t)]
+    assert len(flat) == len([t for t in torch.utils._pytree.tree_leaves(ref)
+                             if torch.is_tensor(t)])
+    assert all(bool(torch.isfinite(t).all()) for t in flat)
 
 
 def test_conv_subclasses_with_own_forward_stay_float():

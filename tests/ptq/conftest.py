@@ -1,24 +1,19 @@
 """Tiny real models for the stage-2 tests: calibrated W32A4 and converted W4A4.
 
 The models are the micro fixtures of ``tests/configs`` (mmdet Swin Mask R-CNN
-at 64 px, mmpretrain DeiT at 32 px) on data generated into a temporary
-directory.  Activation scales are calibrated in-process (what the
+at 64 px, mmpretrain DeiT at 32 px) on the session datasets of
+``tests/conftest.py``.  Activation scales are calibrated in-process (what the
 RepQ-ViT-style baseline does); where they come from does not matter for the
 conversion, which only needs calibrated quantizers.
 """
 import copy
-import os
-import os.path as osp
 from dataclasses import dataclass
 from typing import Callable, List
 
 import pytest
 import torch
+from gplq_test_utils import DEIT_GPLQ, DET_GPLQ, build, load_cfg
 from torch import nn
-
-CONFIGS = osp.join(osp.dirname(osp.dirname(__file__)), 'configs')
-DET_CFG = osp.join(CONFIGS, 'gplq_mask-rcnn_swin-micro_fpn_shapes_w32a4.py')
-CLS_CFG = osp.join(CONFIGS, 'gplq_deit-micro_cls_w32a4.py')
 
 
 @pytest.fixture(autouse=True)
@@ -27,44 +22,14 @@ def _seed():
     yield
 
 
-@pytest.fixture(scope='session')
-def data_dirs(tmp_path_factory):
-    """Generated shapes (COCO, 8 train / 4 val, 64 px) and a 10-class folder
-    set (20 train / 10 val, 32 px); the fixture configs read their location
-    from GPLQ_TEST_SHAPES / GPLQ_TEST_CLS."""
-    from gplq_mm.demo.data import make_classification, make_shapes_coco
-    root = tmp_path_factory.mktemp('data')
-    shapes, cls = str(root / 'shapes'), str(root / 'cls')
-    make_shapes_coco(shapes, 8, 4, 64, seed=0)
-    make_classification(cls, 20, 10, seed=0, source='generated', img_size=32)
-    old = {k: os.environ.get(k) for k in ('GPLQ_TEST_SHAPES', 'GPLQ_TEST_CLS')}
-    os.environ['GPLQ_TEST_SHAPES'] = shapes + '/'
-    os.environ['GPLQ_TEST_CLS'] = cls + '/'
-    yield dict(shapes=shapes, cls=cls)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def load_cfg(path: str):
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    cfg = Config.fromfile(path)
-    init_default_scope(cfg.default_scope)
-    cfg.model.mimic = dict(enabled=False)
-    return cfg
-
-
 def build_model(cfg, **extra):
-    """GPLQModel as the Runner builds it (top-level data_preprocessor merged)."""
-    from mmengine.registry import MODELS
+    """GPLQModel as the Runner builds it (top-level data_preprocessor merged),
+    with ``extra`` model arguments (e.g. ``w4a4=...``)."""
     mc = copy.deepcopy(cfg.model)
     if cfg.get('data_preprocessor') is not None:
         mc.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
     mc.update(extra)
-    return MODELS.build(mc)
+    return build(cfg, mc)
 
 
 @dataclass
@@ -96,10 +61,12 @@ class Case:
         return model, report
 
 
-def _calibrated_case(path: str, num_images: int, batch_size: int) -> Case:
+def _calibrated_case(name: str, num_images: int, batch_size: int) -> Case:
     from gplq_mm.ptq.calib import build_calib_loader, calibrate_activations
-    cfg = load_cfg(path)
-    torch.manual_seed(0)
+    from mmengine.registry import init_default_scope
+    cfg = load_cfg(name)
+    init_default_scope(cfg.default_scope)
+    cfg.model.mimic = dict(enabled=False)
     model = build_model(cfg)
     batches = list(build_calib_loader(cfg, num_images, batch_size, seed=0))
 
@@ -118,15 +85,15 @@ def make_model():
 
 
 @pytest.fixture(scope='session')
-def det_case(data_dirs) -> Case:
+def det_case(shapes_root) -> Case:
     """Micro Mask R-CNN (whole detector quantized), 4 images in batches of 2."""
-    return _calibrated_case(DET_CFG, 4, 2)
+    return _calibrated_case(DET_GPLQ, 4, 2)
 
 
 @pytest.fixture(scope='session')
-def cls_case(data_dirs) -> Case:
+def cls_case(cls_root) -> Case:
     """Micro DeiT classifier, 8 images in batches of 4."""
-    return _calibrated_case(CLS_CFG, 8, 4)
+    return _calibrated_case(DEIT_GPLQ, 8, 4)
 
 
 @pytest.fixture(scope='session')
@@ -137,6 +104,6 @@ def det_converted(det_case):
 
 @pytest.fixture(scope='session')
 def cls_converted(cls_case):
-    """(W4A4 model, report) of the micro DeiT (QwT on, lambda 1 so that the
-    fit helps on held-out rows despite only 8 images)."""
-    return cls_case.convert(lam=1.0)
+    """(W4A4 model, report) of the micro DeiT (QwT on; lambda 10 so that the
+    fit generalises to the held-out rows from only 8 images x 17 tokens)."""
+    return cls_case.convert(lam=10.0)

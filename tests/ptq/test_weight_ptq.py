@@ -124,9 +124,24 @@ def test_kept_and_skipped_blocks(converted):
         assert isinstance(block, QwTMixin) == b.kept, b.name
         assert hasattr(block, 'qwt') == b.kept, b.name
         assert b.rows > 0 and b.exact
-    # the fixtures (fixed seeds) exercise both outcomes
     assert any(b.kept for b in report.blocks)
-    assert any(not b.kept for b in report.blocks)
+
+
+def test_unhelpful_fit_is_skipped(det_converted, make_model, det_case):
+    """Blocks whose held-out error the fit would increase get no compensation
+    and are left out of ``qwt_blocks`` (the micro detector, 4 images, has
+    both kinds with the default lambda)."""
+    model, report = det_converted
+    skipped = [b for b in report.blocks if not b.kept]
+    assert skipped and len(skipped) < len(report.blocks)
+    for b in skipped:
+        assert b.err_after >= b.err_before and b.r2 <= 0
+        assert not any(k.startswith(b.name + '.qwt.')
+                       for k in model.state_dict())
+    fresh = make_model(det_case.cfg,
+                       w4a4=dict(w_bits=4, qwt_blocks=kept_blocks(report)))
+    for b in skipped:
+        assert not hasattr(fresh.model.get_submodule(b.name), 'qwt')
 
 
 def test_compensated_block_output(det_case, det_converted):
