@@ -106,6 +106,7 @@ class GPLQModel(BaseModel):
         self.__dict__['teacher'] = None
         self.__dict__['pca'] = None
         self._ckpt_has_quant = None
+        self._shape_mismatch: List[str] = []
         self._register_load_state_dict_pre_hook(self._remap_fp32_keys)
         self.register_load_state_dict_post_hook(self._check_keys)
 
@@ -205,6 +206,13 @@ class GPLQModel(BaseModel):
         if keys and not any(k.startswith(inner) for k in keys):
             for k in keys:
                 state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
+        # torch reports shape mismatches only as error messages, which
+        # mmengine's strict=False loading merely logs: record them here
+        own = self.state_dict(prefix=prefix, keep_vars=True)
+        self._shape_mismatch = [
+            f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+            for k, v in state_dict.items()
+            if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
 
     def _check_keys(self, module: nn.Module, incompatible) -> None:
         if not self.strict_load:
@@ -215,6 +223,9 @@ class GPLQModel(BaseModel):
         q_missing = [k for k in missing if QUANT_KEY.search(k)]
         w_missing = [k for k in missing if not QUANT_KEY.search(k)]
         problems = []
+        if self._shape_mismatch:
+            problems.append('shape mismatch (checkpoint vs model): '
+                            f'{_preview(self._shape_mismatch)}')
         if w_missing:
             problems.append(f'missing model keys: {_preview(w_missing)}')
         if unexpected:

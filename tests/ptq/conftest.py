@@ -50,7 +50,8 @@ class Case:
         return run
 
     def convert(self, batches=None, **kw):
-        """Copy of the W32A4 model converted by ``weight_ptq``; (model, report)."""
+        """(model, report): a copy of the W32A4 model, converted by
+        ``weight_ptq``."""
         from gplq_mm.ptq.weight_ptq import weight_ptq
         from gplq_mm.quant import WeightQuantConfig
         model = copy.deepcopy(self.model)

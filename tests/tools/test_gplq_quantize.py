@@ -152,11 +152,13 @@ def test_repq_from_fp32_with_plain_config(runs, arch, tmp_path):
                 cwd=tmp_path)
     files = outputs(out, osp.splitext(osp.basename(a.plain_cfg))[0])
     ckpt, report = check_w4a4_files(files, a.fp32_ckpt, CLS_BLOCKS)
-    assert report['method'] == 'repq' and ckpt['meta']['gplq']['calib_images'] == 8
+    assert report['method'] == 'repq'
+    assert ckpt['meta']['gplq']['calib_images'] == 8
     # calibrated on *normalised* images, as the stock test script feeds them
     # (mmpretrain keeps mean/std in the top-level data_preprocessor): the
     # 8-bit patch-embedding input scale is ~max|x|/127 with |x| < 3, not ~2
-    s = ckpt['state_dict']['model.backbone.patch_embed.projection.act_quant.scale']
+    sd = ckpt['state_dict']
+    s = sd['model.backbone.patch_embed.projection.act_quant.scale']
     assert float(s.max()) < 0.05
     cfg_text = open(files['py']).read()
     assert "type='GPLQModel'" in cfg_text and 'w4a4=' in cfg_text
@@ -297,8 +299,8 @@ def test_w4a4_checkpoint_with_stage1_config(runs, arch, tmp_path):
                  '--work-dir', tmp_path / 'wd'], cwd=tmp_path)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith('gplq_mm.models.gplq_model.CheckpointMismatchError'), \
-        tail(proc)
+    assert err.startswith(
+        'gplq_mm.models.gplq_model.CheckpointMismatchError'), tail(proc)
     assert 'weight_packed' in err and '_w4a4.py config' in err
 
 

@@ -1,0 +1,782 @@
+#!/usr/bin/env python
+"""Cost of GPLQ against FP32: training step time and peak memory, inference
+time, QwT fitting memory -- on real-size architectures built from the real
+configs (random weights).
+
+One run measures, on one fixed input batch per model:
+
+* **training step** (forward + backward + AdamW step) of plain FP32
+  fine-tuning, Act-QAT (W32A4, ``GPLQModel`` with the default quantizers),
+  Act-QAT with the PCA feature-mimicking teacher, and direct W4A4 QAT
+  (``quant.weight=dict(bits=4, learnable=True)``): time in this process (the
+  variants alternate, round after round; the medians and the median of the
+  per-round ratios are reported) and peak memory in a separate worker process
+  per variant (``--worker``);
+* **inference** (``no_grad``, eval) of FP32, the fake-quant W32A4 and W4A4
+  models in FROZEN state and the integer W4A4 model written by
+  ``gplq_mm.ptq.weight_ptq`` (int4 weights + QwT);
+* **QwT fitting** (``weight_ptq`` on a calibrated DeiT) with 64, 256 and 512
+  calibration images: peak memory and time, one worker process each.
+
+Models: ``deit_s`` (``mmpretrain::deit/deit-small_4xb256_in1k.py``, 224 px),
+``swin_t`` (``mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py``, 224 px),
+``det_swin_t`` (the backbone of ``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``
+alone, 224 px) and ``mask_rcnn`` (that whole detector, 320x320, batch 1, three
+generated gt boxes/masks per image).
+
+Time is reported both as wall-clock and as process CPU time
+(``time.process_time``).  On a machine shared with other jobs the wall time of
+one step varies by tens of percent while the CPU time of a single-threaded run
+stays within a few percent, so the ratios are taken on CPU time (wall ratios
+are printed beside them).  Memory: each worker builds one variant, runs one
+warm-up step (AdamW allocates its state), returns freed heap to the OS
+(``malloc_trim``), resets the RSS high-water mark (``echo 5 >
+/proc/self/clear_refs``) and reads ``VmHWM`` after a measured step; the step
+peak is ``VmHWM`` minus the RSS just before the step (model, gradients-free
+optimizer state and teacher are in that baseline and reported apart).
+
+Usage::
+
+    python tools/benchmark.py                       # all models (~10 min)
+    python tools/benchmark.py --quick               # DeiT-S + QwT (~2-3 min)
+    python tools/benchmark.py --models deit_s swin_t --repeats 5
+    python tools/benchmark.py --update-doc docs/benchmark.md
+
+See docs/benchmark.md for the method and the latest numbers.
+"""
+import argparse
+import copy
+import ctypes
+import datetime
+import gc
+import json
+import os
+import os.path as osp
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+MODEL_SPECS = {
+    'deit_s': dict(kind='cls', img=224, batch=8,
+                   cfg='mmpretrain::deit/deit-small_4xb256_in1k.py'),
+    'swin_t': dict(kind='cls', img=224, batch=8,
+                   cfg='mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'),
+    'det_swin_t': dict(kind='backbone', img=224, batch=8,
+                       cfg='mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
+    'mask_rcnn': dict(kind='det', img=320, batch=1,
+                      cfg='mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
+}
+TRAIN_VARIANTS = ('fp32', 'actqat', 'actqat_teacher', 'w4a4_qat')
+INFER_VARIANTS = ('fp32', 'w32a4', 'w4a4_fake', 'w4a4_int')
+QWT_IMAGES = (64, 256, 512)
+# QwT: a calibrated DeiT (mmpretrain arch name, image size, batch size)
+QWT_MODEL = dict(cfg='mmpretrain::deit/deit-tiny_4xb256_in1k.py', img=112,
+                 batch=32)
+RESULT_TAG = 'BENCHMARK_RESULT '
+TARGETS = {  # what docs/benchmark.md promises, checked in the summary
+    'train_time_actqat': 1.25,
+    'train_mem_actqat': 1.05,
+    'infer_time_w4a4_fake': 1.5,
+    'qwt_mem_512_vs_64': 1.1,
+}
+
+
+# ---------------------------------------------------------------------------
+# process-level measurements
+# ---------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    with open('/proc/self/status') as f:
+        m = re.search(rf'^{key}:\s+(\d+) kB', f.read(), re.M)
+    return int(m.group(1)) if m else -1
+
+
+def rss_mb() -> float:
+    return _status_kb('VmRSS') / 1024
+
+
+def hwm_mb() -> float:
+    return _status_kb('VmHWM') / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS."""
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_mb_fallback() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_peak(fn):
+    """``(peak above the RSS before fn, RSS before fn, method)``."""
+    trim_heap()
+    ok = reset_hwm()
+    base = rss_mb()
+    fn()
+    peak = hwm_mb() if ok else peak_mb_fallback()
+    return peak - base, base, 'VmHWM after clear_refs' if ok else \
+        'ru_maxrss (no HWM reset: an upper bound)'
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    cpu = platform.processor() or ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            m = re.search(r'model name\s*:\s*(.*)', f.read())
+            cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    try:
+        with open('/proc/meminfo') as f:
+            mem = int(re.search(r'MemTotal:\s+(\d+)', f.read()).group(1))
+    except (OSError, AttributeError):
+        mem = 0
+    import gplq_mm
+    return dict(
+        date=datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
+        cpu=cpu, cores=os.cpu_count(), mem_gb=round(mem / 2**20, 1),
+        python=platform.python_version(), torch=torch.__version__,
+        threads=threads, loadavg_start=os.getloadavg()[0],
+        gplq_mm=osp.dirname(gplq_mm.__file__))
+
+
+# ---------------------------------------------------------------------------
+# models and data
+# ---------------------------------------------------------------------------
+def quiet() -> None:
+    warnings.filterwarnings('ignore')
+    from mmengine.logging import MMLogger
+    # GPLQModel reports its injection table through the current logger
+    MMLogger.get_instance(f'gplq_benchmark_{os.getpid()}',
+                          log_level='WARNING')
+
+
+def base_model_cfg(name: str, img: int):
+    from mmengine.hub import get_config
+    spec = MODEL_SPECS[name]
+    cfg = get_config(spec['cfg'])
+    mc = copy.deepcopy(cfg.model)
+    if cfg.get('data_preprocessor') is not None:
+        mc.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
+    mc.pop('init_cfg', None)  # random weights; no pretrained download
+    mc.backbone.init_cfg = None
+    if spec['kind'] == 'cls':
+        mc.train_cfg = {}  # no Mixup/CutMix: the same batch for every variant
+        mc.backbone.img_size = img
+    return cfg.default_scope, mc
+
+
+def make_batch(name: str, model, batch: int, img: int, seed: int = 0):
+    """The fixed, preprocessed batch ``(inputs, data_samples)`` of a model."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    kind = MODEL_SPECS[name]['kind']
+    imgs = [torch.randint(0, 256, (3, img, img), generator=g,
+                          dtype=torch.uint8) for _ in range(batch)]
+    if kind == 'cls':
+        from mmpretrain.structures import DataSample
+        samples = [DataSample().set_gt_label(i % 1000) for i in range(batch)]
+    elif kind == 'backbone':
+        samples = None
+    else:
+        samples = [det_sample(i, img, g) for i in range(batch)]
+    data = model.data_preprocessor(dict(inputs=imgs, data_samples=samples),
+                                   kind == 'det')
+    return data['inputs'], data.get('data_samples')
+
+
+def det_sample(i: int, img: int, g):
+    """A COCO-like sample: three boxes with elliptic instance masks."""
+    import numpy as np
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import HorizontalBoxes
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    boxes, masks = [], []
+    yy, xx = np.mgrid[:img, :img]
+    for _ in range(3):
+        w, h = (torch.rand(2, generator=g) * 0.4 + 0.15).mul(img).tolist()
+        x0 = float(torch.rand(1, generator=g)) * (img - w)
+        y0 = float(torch.rand(1, generator=g)) * (img - h)
+        boxes.append([x0, y0, x0 + w, y0 + h])
+        cx, cy = x0 + w / 2, y0 + h / 2
+        masks.append((((xx - cx) / (w / 2))**2 + ((yy - cy) / (h / 2))**2
+                      <= 1).astype(np.uint8))
+    ds = DetDataSample(metainfo=dict(
+        img_id=i, img_path='', ori_shape=(img, img), img_shape=(img, img),
+        scale_factor=(1.0, 1.0), flip=False, flip_direction=None))
+    gt = InstanceData()
+    gt.bboxes = HorizontalBoxes(torch.tensor(boxes, dtype=torch.float32))
+    gt.labels = torch.randint(0, 80, (3, ), generator=g)
+    gt.masks = BitmapMasks(np.stack(masks), img, img)
+    ds.gt_instances = gt
+    return ds
+
+
+class Variant:
+    """One model variant: what to train or run, and how."""
+
+    def __init__(self, name, module, kind, inputs, samples, params,
+                 teacher=None, pca=None, owner=None):
+        self.name, self.module, self.kind = name, module, kind
+        self.owner = owner if owner is not None else module  # full model
+        self.inputs, self.samples = inputs, samples
+        self.teacher, self.pca = teacher, pca  # backbone-only mimic
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = None
+
+    def loss(self):
+        import torch
+        if self.kind == 'backbone':
+            outs = self.module(self.inputs)
+            loss = sum(o.pow(2).mean() for o in outs)
+            if self.teacher is not None:
+                from gplq_mm.models.mimic import mimic_loss, pool_feature
+                with torch.no_grad():
+                    f_t = pool_feature(self.teacher(self.inputs))
+                loss = loss + mimic_loss(pool_feature(outs), f_t, *self.pca)
+            return loss
+        losses = self.module(self.inputs, self.samples, mode='loss')
+        return self.module.parse_losses(losses)[0]
+
+    def train_step(self):
+        import torch
+        if self.opt is None:
+            self.opt = torch.optim.AdamW(self.params, lr=1e-5,
+                                         weight_decay=0.05)
+        self.module.train()
+        torch.manual_seed(1234)  # same sampling / drop-path in every variant
+        self.loss().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def infer(self):
+        import torch
+        self.module.eval()
+        with torch.no_grad():
+            if self.kind == 'backbone':
+                self.module(self.inputs)
+            elif self.kind == 'cls':
+                self.module(self.inputs, mode='tensor')
+            else:
+                self.module(self.inputs, self.samples, mode='tensor')
+
+
+class ModelFactory:
+    """Builds the variants of one architecture on one fixed batch."""
+
+    def __init__(self, name: str, batch: int, img: int):
+        self.name, self.batch, self.img = name, batch, img
+        self.kind = MODEL_SPECS[name]['kind']
+        self.scope, self.mc = base_model_cfg(name, img)
+        self.inputs = self.samples = None
+
+    def _build(self, cfg):
+        import torch
+        from mmengine.registry import MODELS, DefaultScope
+        import gplq_mm  # noqa: F401  (registers GPLQModel)
+        with DefaultScope.overwrite_default_scope(self.scope):
+            torch.manual_seed(0)
+            model = MODELS.build(copy.deepcopy(cfg))
+        if self.inputs is None:
+            self.inputs, self.samples = make_batch(self.name, model,
+                                                   self.batch, self.img)
+        return model
+
+    def fp32(self):
+        return self._build(self.mc)
+
+    def gplq(self, quant=None, mimic=False):
+        quant = dict(quant or {})
+        if self.kind == 'backbone':
+            quant['scope'] = 'backbone'
+        model = self._build(dict(type='GPLQModel', model=self.mc, quant=quant,
+                                 mimic=dict(enabled=mimic)))
+        self.calibrate(model)
+        return model
+
+    def _forward_tensor(self, model):
+        if self.kind == 'backbone':
+            model.model.backbone(self.inputs)
+        else:
+            model(self.inputs, self.samples, mode='tensor')
+
+    def calibrate(self, model):
+        """What GPLQCalibrationHook does, on the benchmark batch."""
+        import torch
+        from gplq_mm.quant import QConv2d, QLinear, QState
+        model.eval()
+        model.set_quant_state(QState.CALIBRATING)
+        with torch.no_grad():
+            self._forward_tensor(model)
+        for _, q in model.act_quantizers():
+            q.finish_calibration()
+        model.set_quant_state(QState.LEARNING)
+        with torch.no_grad():
+            for m in model.model.modules():
+                if isinstance(m, (QLinear, QConv2d)) and \
+                        m.weight_quant is not None:
+                    m.weight_quant.initialized.fill_(False)
+                    m.quantized_weight()  # searches the folded weight's scale
+
+    def attach_teacher(self, model):
+        """Frozen FP32 copy + a PCA basis of the paper's size (k ~ C/3)."""
+        import torch
+        from gplq_mm.engine.hooks.calibration_hook import make_teacher
+        from gplq_mm.models.mimic import pool_feature
+        teacher = make_teacher(model)
+        teacher.eval()
+        with torch.no_grad():
+            if self.kind == 'backbone':
+                feat = pool_feature(teacher.backbone(self.inputs))
+            else:
+                store = {}
+                h = model._capture(model.feature_module(teacher), store, 't')
+                teacher.extract_feat(self.inputs)
+                h.remove()
+                feat = pool_feature(store['t'])
+        c = feat.shape[1]
+        k = min(c, max(32, -(-c // 3 // 32) * 32))  # Swin-T 768 -> 256
+        g = torch.Generator().manual_seed(0)
+        comps = torch.linalg.qr(torch.randn(c, k, generator=g))[0]
+        mean = feat.mean(0)
+        if self.kind == 'backbone':
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            return teacher.backbone, (mean, comps)
+        model.set_teacher(teacher, mean, comps)
+        return None, None
+
+    def train_variant(self, variant: str) -> Variant:
+        if variant == 'fp32':
+            model = self.fp32()
+            module = model.backbone if self.kind == 'backbone' else model
+            return Variant(variant, module, self.kind, self.inputs,
+                           self.samples, module.parameters(), owner=model)
+        quant = dict(weight=dict(bits=4, learnable=True)) \
+            if variant == 'w4a4_qat' else None
+        teacher = variant == 'actqat_teacher'
+        model = self.gplq(quant, mimic=teacher and self.kind != 'backbone')
+        t_bb = pca = None
+        if teacher:
+            t_bb, pca = self.attach_teacher(model)
+        module = model.model.backbone if self.kind == 'backbone' else model
+        return Variant(variant, module, self.kind, self.inputs, self.samples,
+                       module.parameters(), t_bb, pca, owner=model)
+
+    def infer_variants(self, train: dict) -> dict:
+        """Inference variants, reusing the trained models where possible."""
+        from gplq_mm.quant import QState
+        out = {'fp32': train['fp32']}
+        for name, src in (('w32a4', 'actqat'), ('w4a4_fake', 'w4a4_qat')):
+            v = train[src]
+            v.owner.set_quant_state(QState.FROZEN)
+            out[name] = v
+        out['w4a4_int'] = self.integer_variant(train['actqat'].owner)
+        return out
+
+    def integer_variant(self, gplq_model) -> Variant:
+        """Integer W4A4 (int4 weights, QwT) written by ``weight_ptq``."""
+        from gplq_mm.ptq.weight_ptq import weight_ptq
+        from gplq_mm.quant import WeightQuantConfig
+        model = copy.deepcopy(gplq_model)
+        model.eval()
+        batches = [self.inputs, self.inputs]  # fit + held-out accumulator
+        weight_ptq(model.model, lambda: batches,
+                   lambda b: model.model.backbone(b),
+                   WeightQuantConfig(search='minmax'), qwt=True)
+        module = model.model.backbone if self.kind == 'backbone' else model
+        return Variant('w4a4_int', module, self.kind, self.inputs,
+                       self.samples, [], owner=model)
+
+
+# ---------------------------------------------------------------------------
+# timing (in this process, variants alternating)
+# ---------------------------------------------------------------------------
+def timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def alternate(variants: dict, method: str, repeats: int, log) -> dict:
+    """Warm up each variant once, then ``repeats`` rounds in rotating order."""
+    names = list(variants)
+    for n in names:
+        getattr(variants[n], method)()
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            w, c = timed(getattr(variants[n], method))
+            wall[n].append(w)
+            cpu[n].append(c)
+        log(f'  {method} round {r + 1}/{repeats}: ' + ', '.join(
+            f'{n} {cpu[n][-1]:.2f}s' for n in names))
+    ref = names[0]
+    out = {}
+    for n in names:
+        out[n] = dict(
+            wall_s=wall[n], cpu_s=cpu[n],
+            wall_median=statistics.median(wall[n]),
+            cpu_median=statistics.median(cpu[n]),
+            # median of the per-round ratios (paired: same round, same load)
+            wall_ratio=statistics.median(
+                a / b for a, b in zip(wall[n], wall[ref])),
+            cpu_ratio=statistics.median(
+                a / b for a, b in zip(cpu[n], cpu[ref])))
+    return out
+
+
+def time_model(name: str, args, log) -> dict:
+    import torch
+    spec = MODEL_SPECS[name]
+    batch = args.batch or spec['batch']
+    if spec['kind'] == 'det':
+        batch = args.det_batch
+    fac = ModelFactory(name, batch, spec['img'])
+    t0 = time.time()
+    train = {}
+    for v in TRAIN_VARIANTS:
+        train[v] = fac.train_variant(v)
+    log(f'{name}: built {len(train)} training variants in '
+        f'{time.time() - t0:.0f}s (batch {batch}, {spec["img"]} px)')
+    res = dict(batch=batch, img=spec['img'],
+               train=alternate(train, 'train_step', args.repeats, log))
+    infer = fac.infer_variants(train)
+    res['infer'] = alternate(infer, 'infer', args.repeats, log)
+    del train, infer, fac
+    trim_heap()
+    torch.manual_seed(0)
+    return res
+
+
+# ---------------------------------------------------------------------------
+# workers (separate processes: memory)
+# ---------------------------------------------------------------------------
+def worker(spec: dict) -> dict:
+    import torch
+    torch.set_num_threads(spec['threads'])
+    quiet()
+    base0 = rss_mb()
+    if spec['task'] == 'train_mem':
+        fac = ModelFactory(spec['model'], spec['batch'], spec['img'])
+        v = fac.train_variant(spec['variant'])
+        v.train_step()  # warm-up: AdamW state exists from here on
+        state = rss_mb() - base0
+        peaks = []
+        for _ in range(spec.get('steps', 2)):
+            peak, before, method = measure_peak(v.train_step)
+            peaks.append(peak)
+        return dict(step_peak_mb=max(peaks), state_mb=state,
+                    total_mb=state + max(peaks), method=method,
+                    peaks=peaks)
+    if spec['task'] == 'qwt':
+        return qwt_worker(spec, base0)
+    raise ValueError(spec['task'])
+
+
+def qwt_worker(spec: dict, base0: float) -> dict:
+    import torch
+    from mmengine.hub import get_config
+    from mmengine.registry import MODELS, DefaultScope
+    import gplq_mm  # noqa: F401
+    from gplq_mm.ptq.weight_ptq import weight_ptq
+    from gplq_mm.quant import QState, WeightQuantConfig
+    cfg = get_config(QWT_MODEL['cfg'])
+    mc = copy.deepcopy(cfg.model)
+    mc.data_preprocessor = copy.deepcopy(cfg.data_preprocessor)
+    mc.pop('init_cfg', None)
+    mc.train_cfg = {}
+    img, bs, n = QWT_MODEL['img'], QWT_MODEL['batch'], spec['images']
+    mc.backbone.img_size = img
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        torch.manual_seed(0)
+        model = MODELS.build(dict(type='GPLQModel', model=mc,
+                                  mimic=dict(enabled=False)))
+    model.eval()
+
+    def batches():
+        g = torch.Generator().manual_seed(1)
+        for _ in range(max(1, n // bs)):
+            yield torch.randn(bs, 3, img, img, generator=g)
+
+    model.set_quant_state(QState.CALIBRATING)
+    with torch.no_grad():
+        model.model.backbone(next(iter(batches())))
+    for _, q in model.act_quantizers():
+        q.finish_calibration()
+    model.set_quant_state(QState.FROZEN)
+    state = rss_mb() - base0
+    rep = {}
+
+    def fit():
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        report = weight_ptq(model.model, batches,
+                            lambda b: model.model.backbone(b),
+                            WeightQuantConfig(), qwt=True)
+        rep.update(wall_s=time.perf_counter() - t0,
+                   cpu_s=time.process_time() - c0,
+                   blocks=len(report.blocks),
+                   kept=sum(b.kept for b in report.blocks),
+                   rows=report.blocks[0].rows if report.blocks else 0)
+
+    peak, before, method = measure_peak(fit)
+    return dict(images=n, batch=bs, img=img, peak_mb=peak, state_mb=state,
+                total_mb=state + peak, method=method, **rep)
+
+
+def run_worker(spec: dict, args, log) -> dict:
+    cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(spec)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=args.worker_timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+            res['worker_s'] = time.time() - t0
+            return res
+    log(f'worker {spec} failed (exit {proc.returncode}):\n'
+        f'{proc.stderr[-3000:]}')
+    return dict(error=proc.stderr[-3000:])
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+def fmt_ratio(x):
+    return '-' if x is None else f'{x:.2f}x'
+
+
+def tables(res: dict) -> str:
+    lines = []
+    m = res['machine']
+    lines.append(f'{m["date"]}; {m["cpu"]}, {m["cores"]} cores, '
+                 f'{m["mem_gb"]} GB; torch {m["torch"]}, '
+                 f'{m["threads"]} thread(s); load average '
+                 f'{m["loadavg_start"]:.1f} -> {m.get("loadavg_end", 0):.1f}; '
+                 f'{res["repeats"]} rounds per variant.')
+    lines.append('')
+    lines.append('Training step (forward + backward + AdamW), ratio to FP32 '
+                 'of the same model; time = CPU-time median (wall median); '
+                 'memory = step peak above model+optimizer (total incl. '
+                 'state).')
+    lines.append('')
+    lines.append('| model | variant | step CPU s | ratio CPU | step wall s | '
+                 'ratio wall | step peak MB | ratio | total MB | ratio |')
+    lines.append('|---|---|---|---|---|---|---|---|---|---|')
+    for name, r in res['models'].items():
+        mem = res.get('memory', {}).get(name, {})
+        f_mem = mem.get('fp32', {})
+        for v, t in r['train'].items():
+            mm = mem.get(v, {})
+            sp = mm.get('step_peak_mb')
+            tot = mm.get('total_mb')
+            rsp = sp / f_mem['step_peak_mb'] if sp and f_mem.get(
+                'step_peak_mb') else None
+            rtot = tot / f_mem['total_mb'] if tot and f_mem.get(
+                'total_mb') else None
+            lines.append(
+                f'| {name} (b{r["batch"]}, {r["img"]}px) | {v} | '
+                f'{t["cpu_median"]:.2f} | {fmt_ratio(t["cpu_ratio"])} | '
+                f'{t["wall_median"]:.2f} | {fmt_ratio(t["wall_ratio"])} | '
+                f'{"-" if sp is None else f"{sp:.0f}"} | {fmt_ratio(rsp)} | '
+                f'{"-" if tot is None else f"{tot:.0f}"} | {fmt_ratio(rtot)} |')
+    lines.append('')
+    lines.append('Inference (eval, no_grad, same batch), ratio to FP32:')
+    lines.append('')
+    lines.append('| model | variant | CPU s | ratio CPU | wall s | ratio wall |')
+    lines.append('|---|---|---|---|---|---|')
+    for name, r in res['models'].items():
+        for v, t in r['infer'].items():
+            lines.append(
+                f'| {name} (b{r["batch"]}) | {v} | {t["cpu_median"]:.3f} | '
+                f'{fmt_ratio(t["cpu_ratio"])} | {t["wall_median"]:.3f} | '
+                f'{fmt_ratio(t["wall_ratio"])} |')
+    if res.get('qwt'):
+        lines.append('')
+        q0 = res['qwt'][0]
+        lines.append(f'QwT fitting (`weight_ptq`, {QWT_MODEL["cfg"]} at '
+                     f'{q0.get("img")} px, batch {q0.get("batch")}); peak '
+                     'above the calibrated model, ratio to 64 images:')
+        lines.append('')
+        lines.append('| images | peak MB | ratio | total MB | CPU s | wall s |')
+        lines.append('|---|---|---|---|---|---|')
+        base = res['qwt'][0].get('peak_mb')
+        for q in res['qwt']:
+            if 'error' in q:
+                lines.append(f'| {q.get("images")} | failed | | | | |')
+                continue
+            lines.append(f'| {q["images"]} | {q["peak_mb"]:.0f} | '
+                         f'{fmt_ratio(q["peak_mb"] / base)} | '
+                         f'{q["total_mb"]:.0f} | {q["cpu_s"]:.1f} | '
+                         f'{q["wall_s"]:.1f} |')
+    return '\n'.join(lines)
+
+
+def check_targets(res: dict) -> list:
+    out = []
+    for name, r in res['models'].items():
+        t = r['train'].get('actqat')
+        if t:
+            out.append((f'{name} Act-QAT step time (CPU)', t['cpu_ratio'],
+                        TARGETS['train_time_actqat']))
+        mem = res.get('memory', {}).get(name, {})
+        if mem.get('actqat', {}).get('step_peak_mb') and \
+                mem.get('fp32', {}).get('step_peak_mb'):
+            out.append((f'{name} Act-QAT step peak memory',
+                        mem['actqat']['step_peak_mb'] /
+                        mem['fp32']['step_peak_mb'],
+                        TARGETS['train_mem_actqat']))
+        i = r['infer'].get('w4a4_fake')
+        if i:
+            out.append((f'{name} W4A4 fake-quant inference (CPU)',
+                        i['cpu_ratio'], TARGETS['infer_time_w4a4_fake']))
+    q = [x for x in res.get('qwt', []) if 'peak_mb' in x]
+    if len(q) >= 2:
+        out.append(('QwT peak memory, most vs fewest images',
+                    q[-1]['peak_mb'] / q[0]['peak_mb'],
+                    TARGETS['qwt_mem_512_vs_64']))
+    return out
+
+
+def update_doc(path: str, text: str) -> None:
+    begin, end = '<!-- BEGIN RESULTS -->', '<!-- END RESULTS -->'
+    with open(path) as f:
+        doc = f.read()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f'{path} has no {begin} ... {end} section.')
+    pre, rest = doc.split(begin, 1)
+    _, post = rest.split(end, 1)
+    with open(path, 'w') as f:
+        f.write(f'{pre}{begin}\n{text}\n{end}{post}')
+
+
+# ---------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description='GPLQ training/inference/QwT cost vs FP32 (see '
+        'docs/benchmark.md).')
+    p.add_argument('--models', nargs='+', choices=list(MODEL_SPECS),
+                   help='default: all four (--quick: deit_s)')
+    p.add_argument('--quick', action='store_true',
+                   help='DeiT-S + QwT, 2 rounds (~2-3 min)')
+    p.add_argument('--repeats', type=int, help='rounds per variant '
+                   '(default 3, --quick 2); warm-up excluded')
+    p.add_argument('--batch', type=int,
+                   help='batch of the 224 px models (default 8)')
+    p.add_argument('--det-batch', type=int, default=1,
+                   help='Mask R-CNN batch (default 1, as GPLQ on COCO)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch.set_num_threads for every process (default 1: '
+                   'on a shared machine one thread gives stable CPU times)')
+    p.add_argument('--no-memory', action='store_true',
+                   help='skip the memory worker processes')
+    p.add_argument('--no-qwt', action='store_true', help='skip QwT fitting')
+    p.add_argument('--qwt-images', type=int, nargs='+',
+                   default=list(QWT_IMAGES))
+    p.add_argument('--out', default='work_dirs/benchmark/benchmark.json')
+    p.add_argument('--update-doc', metavar='MD',
+                   help='rewrite the results section of this markdown file')
+    p.add_argument('--worker-timeout', type=int, default=900)
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        res = worker(json.loads(args.worker))
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+    import torch
+    torch.set_num_threads(args.threads)
+    quiet()
+    t_start = time.time()
+
+    def log(msg):
+        print(f'[{time.time() - t_start:6.0f}s] {msg}', flush=True)
+
+    models = args.models or (['deit_s'] if args.quick else list(MODEL_SPECS))
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    res = dict(machine=machine_info(args.threads), repeats=args.repeats,
+               command=' '.join([osp.join('tools', 'benchmark.py')] +
+                                (argv if argv is not None else sys.argv[1:])),
+               models={}, memory={}, qwt=[])
+    for name in models:
+        log(f'== {name}: timing (training, inference)')
+        res['models'][name] = time_model(name, args, log)
+        if not args.no_memory:
+            r = res['models'][name]
+            res['memory'][name] = {}
+            for v in TRAIN_VARIANTS:
+                spec = dict(task='train_mem', model=name, variant=v,
+                            batch=r['batch'], img=r['img'],
+                            threads=args.threads)
+                m = run_worker(spec, args, log)
+                res['memory'][name][v] = m
+                log(f'  memory {v}: step peak '
+                    f'{m.get("step_peak_mb", float("nan")):.0f} MB, state '
+                    f'{m.get("state_mb", float("nan")):.0f} MB')
+    if not args.no_qwt:
+        log('== QwT fitting memory')
+        for n in args.qwt_images:
+            q = run_worker(dict(task='qwt', images=n, threads=args.threads),
+                           args, log)
+            q.setdefault('images', n)
+            res['qwt'].append(q)
+            log(f'  QwT {n} images: peak {q.get("peak_mb", float("nan")):.0f}'
+                f' MB, {q.get("wall_s", float("nan")):.0f}s')
+    res['machine']['loadavg_end'] = os.getloadavg()[0]
+    res['seconds'] = time.time() - t_start
+    text = tables(res)
+    checks = check_targets(res)
+    res['targets'] = [dict(what=w, value=v, target=t, met=v <= t)
+                      for w, v, t in checks]
+    print()
+    print(text)
+    print()
+    for w, v, t in checks:
+        print(f'{"ok  " if v <= t else "MISS"} {w}: {v:.2f}x (target <= {t}x)')
+    print(f'\ntotal {res["seconds"]:.0f}s')
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(res, f, indent=1)
+    print(f'wrote {args.out}')
+    if args.update_doc:
+        target_lines = '\n'.join(
+            f'- {"met" if v <= t else "**missed**"}: {w} {v:.2f}x '
+            f'(target <= {t}x)' for w, v, t in checks)
+        update_doc(args.update_doc,
+                   f'Command: `python {res["command"]}` '
+                   f'({res["seconds"] / 60:.1f} min)\n\n{text}\n\n'
+                   f'Targets:\n\n{target_lines}')
+        print(f'updated {args.update_doc}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
