@@ -485,6 +485,7 @@ def worker(spec: dict) -> dict:
         fac = ModelFactory(spec['model'], spec['batch'], spec['img'])
         v = fac.train_variant(spec['variant'])
         v.train_step()  # warm-up: AdamW state exists from here on
+        trim_heap()  # calibration garbage is not model state
         state = rss_mb() - base0
         peaks = []
         for _ in range(spec.get('steps', 2)):

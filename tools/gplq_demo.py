@@ -115,7 +115,9 @@ def run_task(task: str, args, size: dict, log) -> dict:
     wd = osp.join(args.work_dir, task)
     r = Runner(wd, env={spec['env']: root}, log=log)
     train, test = stock_tool(spec['pkg'], 'train'), stock_tool(spec['pkg'], 'test')
-    key = dict(size=size, seed=args.seed)
+    # a stage is reused only if the sizes, seed and config files are unchanged
+    key = dict(size=size, seed=args.seed, configs={
+        k: _digest(spec[k]) for k in ('fp32', 'gplq', 'qat')})
     rows = []
 
     def d(name):
@@ -187,6 +189,12 @@ def run_task(task: str, args, size: dict, log) -> dict:
                      spec))
     return dict(metrics=[m[0] for m in spec['metrics']], rows=rows,
                 data=root)
+
+
+def _digest(path: str) -> str:
+    import hashlib
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _row(label, stage, metrics, ckpt, spec) -> dict:

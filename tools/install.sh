@@ -103,6 +103,20 @@ else
   rm -f "$CONS"
 fi
 
+# 4. Optional demo data: Debian's dataset-fashion-mnist (MIT) gives the demo's
+#    classifier real images; without it the demo generates a fallback set.
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  say "Fashion-MNIST (demo data): present in $FMNIST"
+elif [ "${GPLQ_SKIP_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  say "installing Debian package dataset-fashion-mnist (demo data; GPLQ_SKIP_APT=1 skips)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }; then
+    say "WARNING: dataset-fashion-mnist could not be installed; the demo will use generated images"
+  fi
+else
+  say "Fashion-MNIST not installed (needs root + apt); the demo will use generated images"
+fi
+
 say "checking the stack"
 "$PY" - <<'EOF'
 import torch, torchvision, mmcv, mmengine, mmdet, mmpretrain, gplq_mm

@@ -28,7 +28,7 @@
 _base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
 
 data_root = '{{$GPLQ_DEMO_SHAPES:data/demo/shapes/}}'
-classes = ('circle', 'square', 'triangle', 'star', 'cross', 'hexagon')
+classes = ('circle', 'square', 'triangle', 'star', 'cross')
 num_classes = len(classes)
 metainfo = dict(classes=classes)
 img_scale = (128, 128)

@@ -43,7 +43,7 @@ CLS_VERSION = 1
 
 #: Instance classes of the shapes set (COCO category ids are 1..len).
 SHAPES_CLASSES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'star',
-                                   'cross', 'hexagon')
+                                   'cross')
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the idx files.
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -66,11 +66,11 @@ _MANIFEST = 'manifest.json'
 #: Changing them changes the data: bump SHAPES_VERSION together with them.
 _SHAPES_STYLE = dict(
     num_objects_p=(0.25, 0.35, 0.25, 0.15),  # P(1 object), P(2), ...
-    radius=(9.0, 30.0),  # log-uniform circumradius range
+    radius=(10.0, 32.0),  # log-uniform circumradius range
     min_visible=0.65,  # every object keeps >= this fraction visible
     min_pixels=40,  # ... and at least this many pixels
     clutter=(1, 5),  # number of distractors, [lo, hi)
-    texture_p=(0.6, 0.1, 0.1, 0.1, 0.1),  # solid/stripes/checker/noise/grad
+    texture_p=(0.7, 0.1, 0.05, 0.1, 0.05),  # solid/stripes/checker/noise/grad
     contrast=120.0,  # min L1 RGB distance to the local background (soft)
     blotches=(10.0, 35.0),  # amplitude of low-frequency background noise
     noise=(2.0, 6.0),  # sensor noise sigma range

@@ -44,12 +44,14 @@ class _QAttnMixin:
     def _head_dims(self) -> int:
         return self.embed_dims // self.num_heads
 
-    def _fused_quant_specs(self, q: torch.Tensor, attn_drop_active: bool):
+    def _fused_quant_specs(self, q: torch.Tensor, attn_drop_active: bool,
+                           *others: Optional[torch.Tensor]):
         """Quantizer arguments of :func:`quant_attention`, or ``None`` when
         the op-by-op forward must run (calibration, quantizers off, attention
-        dropout, autocast, mixed dtypes)."""
+        dropout, autocast, mixed dtypes of ``q`` and ``others``)."""
         if not FUSED_ATTENTION or attn_drop_active or \
-                torch.is_autocast_enabled(q.device.type):
+                torch.is_autocast_enabled(q.device.type) or \
+                any(t is not None and t.dtype != q.dtype for t in others):
             return None
         specs = []
         for attr in ('q_quant', 'k_quant', 'v_quant', 'attn_quant'):
@@ -95,7 +97,7 @@ class QWindowMSAMixin(_QAttnMixin):
                 self.window_size[0] * self.window_size[1], -1)
         bias = bias.permute(2, 0, 1).contiguous().unsqueeze(0)
         specs = self._fused_quant_specs(
-            q, self.training and self.attn_drop.p > 0)
+            q, self.training and self.attn_drop.p > 0, bias, mask)
         if specs is not None:
             self._check_quant_inputs(q, k, v)
             x = quant_attention(q, k, v, self.scale, *specs, bias=bias,

@@ -4,6 +4,7 @@ Conventions: a scale tensor is broadcastable against the tensor it quantizes
 (see :func:`scale_view`); integer codes are held in float tensors unless packed.
 """
 import math
+import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -38,31 +39,78 @@ def choose_qparams(absmax: Tensor, qmax: int) -> Tensor:
     return scale
 
 
+# -- scratch workspace ---------------------------------------------------------
+# The fused paths below (lsq_linear, lsq_conv2d, quant_attention, LSQ backward)
+# keep their temporaries in per-thread scratch buffers that live across calls.
+# On CPU every fresh multi-MB tensor costs page faults, and glibc leaves the
+# freed temporaries as holes between long-lived activations, which raises the
+# RSS peak of a training step by ~10% although no more tensors are alive.
+# Reusing a few buffers (a few MiB in total, bounded by the chunk sizes below)
+# removes both.  Set WORKSPACE = False to allocate every temporary afresh.
+WORKSPACE = True
+WORKSPACE_MAX_ELEMS = 1 << 20  # larger temporaries are allocated normally
+_WS = threading.local()
+
+
+def _scratch(slot: str, shape, dtype, device) -> Tensor:
+    """A scratch tensor for ``slot`` (CPU: reused across calls; never
+    returned to callers nor saved for backward)."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if not WORKSPACE or device.type != 'cpu' or n > WORKSPACE_MAX_ELEMS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = getattr(_WS, 'bufs', None)
+    if bufs is None:
+        bufs = _WS.bufs = {}
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        bufs.pop((slot, dtype), None)  # free the old one before growing
+        buf = bufs[(slot, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers (rebuilt on demand)."""
+    _WS.bufs = {}
+
+
 def _fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int,
-                inplace: bool = False) -> Tensor:
+                inplace: bool = False, out: Optional[Tensor] = None) -> Tensor:
     """``clamp(round(x / s), qmin, qmax) * s`` with at most one allocation.
 
     Bitwise equal to the out-of-place expression: the same four operations in
     the same order, done in place on one buffer (CPU elementwise passes are
     memory bound, and every fresh full-size temporary costs page faults).
-    ``inplace=True`` reuses ``x`` itself when the result has its dtype/shape.
+    ``inplace=True`` reuses ``x`` itself when the result has its dtype/shape;
+    ``out``: write the result there.
     """
-    if inplace and torch.result_type(x, scale) == x.dtype and \
+    if out is not None:
+        r = torch.div(x, scale, out=out)
+    elif inplace and torch.result_type(x, scale) == x.dtype and \
             torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
-        out = x.div_(scale)
+        r = x.div_(scale)
     else:
-        out = torch.div(x, scale)
-    return out.round_().clamp_(qmin, qmax).mul_(scale)
+        r = torch.div(x, scale)
+    return r.round_().clamp_(qmin, qmax).mul_(scale)
 
 
-def _ratio_and_mask(x: Tensor, scale: Tensor, qmin: int, qmax: int):
+def _ratio_and_mask(x: Tensor, scale: Tensor, qmin: int, qmax: int,
+                    ws: Optional[str] = None):
     """``(mask, c)`` with ``c = clamp(x / s, qmin, qmax)`` and ``mask`` the
     float indicator (1/0, dtype of ``c``) of ``qmin <= x / s <= qmax``.
 
-    Two buffers; the comparison is written straight into the first one.
+    Two buffers (scratch slots ``ws.v``/``ws.c`` if ``ws`` is given); the
+    comparison is written straight into the first one.
     """
-    v = torch.div(x, scale)
-    c = v.clamp(qmin, qmax)
+    if ws is None:
+        v = torch.div(x, scale)
+        c = v.clamp(qmin, qmax)
+    else:
+        shape = torch.broadcast_shapes(x.shape, scale.shape)
+        dt = torch.result_type(x, scale)
+        v = torch.div(x, scale, out=_scratch(ws + '.v', shape, dt, x.device))
+        c = torch.clamp(v, qmin, qmax,
+                        out=_scratch(ws + '.c', shape, dt, x.device))
     torch.eq(c, v, out=v)  # inside <=> clamping changed nothing
     return v, c
 
@@ -111,16 +159,30 @@ def lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, qmin: int, qmax: int,
     Scale (Esser et al. 2019, eq. 3): ``round(v) - v`` inside, ``qmin``/``qmax``
     below/above, times ``grad_factor`` and summed to the scale's shape.
 
-    Written for CPU memory traffic: two full-size temporaries besides the
-    returned ``grad_x``, no boolean or ``torch.where`` intermediates.
+    Written for CPU memory traffic: the returned ``grad_x`` is the only new
+    full-size tensor (two scratch buffers), no boolean or ``torch.where``
+    intermediates.
     """
-    mask, c = _ratio_and_mask(x, scale, qmin, qmax)
-    grad_x = grad * mask
-    if grad_x.dtype != grad.dtype:
-        grad_x = grad_x.to(grad.dtype)
+    return _lsq_backward(grad, x, scale, qmin, qmax, grad_factor,
+                         need_scale_grad)
+
+
+def _lsq_backward(grad, x, scale, qmin, qmax, grad_factor, need_scale_grad,
+                  need_x: bool = True, out: Optional[Tensor] = None,
+                  ws: str = 'lsq'):
+    """:func:`lsq_backward` writing ``grad_x`` into ``out`` (if given)."""
+    grad_x = None
+    if need_x:  # the result first, the scratch buffers are reused
+        grad_x = out if out is not None else torch.empty_like(
+            grad, memory_format=torch.contiguous_format)
+    mask, c = _ratio_and_mask(x, scale, qmin, qmax, ws=ws)
     grad_s = None
     if need_scale_grad:
-        grad_s = _lsq_scale_grad(grad, mask, c, scale, grad_factor)
+        cm = torch.mul(mask, c, out=_scratch(ws + '.cm', c.shape, c.dtype,
+                                             c.device)) if need_x else None
+        grad_s = _lsq_scale_grad(grad, mask, c, scale, grad_factor, cm=cm)
+    if need_x:
+        torch.mul(grad, mask, out=grad_x)
     return grad_x, grad_s
 
 
@@ -201,16 +263,19 @@ def log2_dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 def _log2_fake_quant(x: Tensor, scale: Tensor, bits: int,
                      inplace: bool = False,
-                     scratch: Optional[Tensor] = None) -> Tensor:
+                     scratch: Optional[Tensor] = None,
+                     out: Optional[Tensor] = None) -> Tensor:
     """``log2_dequantize(log2_quantize(x, s, b), s, b)`` on one buffer.
 
     The same operations in the same order (bitwise equal), in place; the
     zero mask is a float multiplier instead of ``torch.where`` chains,
     written into ``scratch`` (a free buffer of the result's shape and dtype)
-    when one is given.
+    when one is given.  ``out``: write the result there.
     """
     top = 2**bits - 1
-    if inplace and torch.result_type(x, scale) == x.dtype and \
+    if out is not None:
+        r = torch.div(x, scale, out=out)
+    elif inplace and torch.result_type(x, scale) == x.dtype and \
             torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
         r = x.div_(scale)
     else:
@@ -293,22 +358,51 @@ def unpack_int4(packed: Tensor, length: int) -> Tensor:
     return out.to(torch.int8)
 
 
+# Rows of ``x`` per chunk in the fused Linear: about this many elements, so
+# the quantized copy and the backward temporaries stay a few MiB whatever the
+# batch (no full-size temporaries: less peak memory, less heap fragmentation).
+LINEAR_CHUNK_ELEMS = 1 << 18
+
+
+def _chunks(rows: int, step: int):
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 class _LSQLinear(torch.autograd.Function):
     """``linear(fake_quant_lsq(x), w, b)`` saving only ``x``, ``scale``, ``w``.
 
     The quantized input is recomputed in backward, so Act-QAT keeps one copy
     of each activation (the FP32 input) like FP32 training does, instead of
-    the FP32 input plus its quantized copy.  The weight gradient is taken on
-    the integer codes and rescaled per input channel afterwards
-    (``g^T (q s) = (g^T q) s``), which saves a full-size pass.
+    the FP32 input plus its quantized copy.  Forward and backward run over
+    row chunks of ``x`` (:data:`LINEAR_CHUNK_ELEMS`) in scratch buffers, so
+    nothing full-size is allocated besides the output and ``grad_x``.  The
+    weight gradient is taken on the integer codes and rescaled per input
+    channel once (``g^T (q s) = (g^T q) s``).
     """
 
     @staticmethod
     def forward(ctx, x, scale, weight, bias, qmin, qmax, grad_factor):
         ctx.save_for_backward(x, scale, weight)
         ctx.q = (qmin, qmax, grad_factor, bias is not None)
-        return torch.nn.functional.linear(_fake_quant(x, scale, qmin, qmax),
-                                          weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        rows, cols = x2.shape
+        dt = torch.result_type(x2, scale)
+        step = max(1, LINEAR_CHUNK_ELEMS // max(cols, 1))
+        if rows <= step:
+            xq = _fake_quant(x, scale, qmin, qmax, out=_scratch(
+                'lin.xq', torch.broadcast_shapes(x.shape, scale.shape), dt,
+                x.device))
+            return torch.nn.functional.linear(xq, weight, bias)
+        out = x2.new_empty((rows, weight.shape[0]), dtype=dt)
+        wt = weight.t()
+        for i, j in _chunks(rows, step):
+            xq = _fake_quant(x2[i:j], scale, qmin, qmax, out=_scratch(
+                'lin.xq', (j - i, cols), dt, x.device))
+            if bias is None:
+                torch.mm(xq, wt, out=out[i:j])
+            else:
+                torch.addmm(bias, xq, wt, out=out[i:j])
+        return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -321,19 +415,41 @@ class _LSQLinear(torch.autograd.Function):
             grad_b = g2.sum(0)
         if not (need_x or need_s or need_w):
             return grad_x, grad_s, grad_w, grad_b, None, None, None
-        mask, c = _ratio_and_mask(x, scale, qmin, qmax)
-        cm = torch.mul(mask, c) if need_s else None
-        c.round_()  # integer codes
+        x2 = x.reshape(-1, x.shape[-1])
+        rows, cols = x2.shape
+        step = max(1, LINEAR_CHUNK_ELEMS // max(cols, 1))
+        w = weight.to(grad.dtype)
+        if need_x:
+            grad_x = grad.new_empty((rows, cols))
         if need_w:
-            grad_w = g2.t().mm(c.reshape(-1, c.shape[-1]).to(g2.dtype))
-            grad_w.mul_(scale)
-        if need_x or need_s:
-            grad_xq = grad.matmul(weight.to(grad.dtype))
-            if need_s:
-                grad_s = _lsq_scale_grad(grad_xq, mask, c, scale, grad_factor,
+            grad_w = g2.new_empty((g2.shape[1], cols))
+        for n, (i, j) in enumerate(_chunks(rows, step)):
+            mask, c = _ratio_and_mask(x2[i:j], scale, qmin, qmax, ws='lin')
+            cm = torch.mul(mask, c, out=_scratch('lin.cm', c.shape, c.dtype,
+                                                 c.device)) if need_s else None
+            c.round_()  # integer codes
+            if need_w:
+                cg = c if c.dtype == g2.dtype else c.to(g2.dtype)
+                if n == 0:
+                    torch.mm(g2[i:j].t(), cg, out=grad_w)
+                else:
+                    grad_w.addmm_(g2[i:j].t(), cg)
+            if need_x or need_s:
+                grad_xq = torch.mm(
+                    g2[i:j], w, out=grad_x[i:j] if need_x else _scratch(
+                        'lin.gxq', (j - i, cols), grad.dtype, grad.device))
+                if need_s:
+                    gs = _lsq_scale_grad(grad_xq, mask, c, scale, 1.0,
                                          codes_done=True, cm=cm)
-            if need_x:
-                grad_x = grad_xq.mul_(mask)
+                    grad_s = gs if grad_s is None else grad_s.add_(gs)
+                if need_x:
+                    grad_xq.mul_(mask)
+        if need_w:
+            grad_w.mul_(scale)
+        if need_s:
+            grad_s = grad_s * grad_factor
+        if need_x:
+            grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_s, grad_w, grad_b, None, None, None
 
 
@@ -354,7 +470,8 @@ class _LSQConv2d(torch.autograd.Function):
     """``conv2d(fake_quant_lsq(x), w, b)`` saving only ``x``, ``scale``, ``w``.
 
     As :class:`_LSQLinear` for a zero-padded ``Conv2d`` whose input is
-    quantized per input channel (scale ``[C]`` along axis 1) or per tensor.
+    quantized per input channel (scale ``[C]`` along axis 1) or per tensor;
+    the quantized input and the backward temporaries live in scratch buffers.
     """
 
     @staticmethod
@@ -364,8 +481,10 @@ class _LSQConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, scale, weight)
         ctx.q = (qmin, qmax, grad_factor, bias is not None, stride, padding,
                  dilation, groups)
-        return torch.nn.functional.conv2d(_fake_quant(x, s, qmin, qmax),
-                                          weight, bias, stride, padding,
+        xq = _fake_quant(x, s, qmin, qmax, out=_scratch(
+            'conv.xq', torch.broadcast_shapes(x.shape, s.shape),
+            torch.result_type(x, s), x.device))
+        return torch.nn.functional.conv2d(xq, weight, bias, stride, padding,
                                           dilation, groups)
 
     @staticmethod
@@ -378,8 +497,9 @@ class _LSQConv2d(torch.autograd.Function):
         if not (need_x or need_s or need_w or need_b):
             return (None, ) * 11
         s = scale_view(scale, x.ndim, 1)
-        mask, c = _ratio_and_mask(x, s, qmin, qmax)
-        cm = torch.mul(mask, c) if need_s else None
+        mask, c = _ratio_and_mask(x, s, qmin, qmax, ws='conv')
+        cm = torch.mul(mask, c, out=_scratch('conv.cm', c.shape, c.dtype,
+                                             c.device)) if need_s else None
         c.round_()  # integer codes
         gin, gw, gb = torch.ops.aten.convolution_backward(
             grad, c.to(grad.dtype), weight.to(grad.dtype),
@@ -428,6 +548,20 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+# Attention batch entries per chunk: about this many elements of the
+# [b, h, N, N] probabilities (2 MiB in float32), a multiple of the window
+# count when a shifted-window mask is used.
+ATTN_CHUNK_ELEMS = 1 << 19
+
+
+def _attn_step(q: Tensor, k: Tensor, nw: Optional[int]) -> int:
+    per = max(q.shape[1] * q.shape[2] * k.shape[2], 1)
+    step = max(1, ATTN_CHUNK_ELEMS // per)
+    if nw:
+        step = max(nw, step // nw * nw)
+    return step
+
+
 class _QuantAttention(torch.autograd.Function):
     """Quantized attention core that recomputes its internals in backward.
 
@@ -437,102 +571,138 @@ class _QuantAttention(torch.autograd.Function):
     gradient, or LSQ uniform).  Only ``q, k, v`` (views of the qkv output,
     which FP32 attention keeps as well), the scales and the bias are saved:
     the quantized copies of q/k/v, the ``[B, h, N, N]`` logits, softmax output
-    and quantized probabilities are rebuilt in backward, so Act-QAT attention
-    holds no more activations than FP32 (flash) attention does.
+    and quantized probabilities are rebuilt in backward, chunk by chunk along
+    the batch (:data:`ATTN_CHUNK_ELEMS`) in scratch buffers, so Act-QAT
+    attention holds no more activations than FP32 (flash) attention and
+    allocates nothing full-size but its output and gradients.  All inputs
+    share one dtype (checked by :func:`quant_attention`).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, sq, sk, sv, sp, spec):
         ctx.save_for_backward(q, k, v, bias, sq, sk, sv, sp)
         ctx.spec = spec
-        with torch.no_grad():
-            return _attn_forward(q, k, v, bias, sq, sk, sv, sp, spec)[0]
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        for i, j in _chunks(q.shape[0], _attn_step(q, k, spec[6])):
+            _attn_forward(q[i:j], k[i:j], v[i:j], bias, sq, sk, sv, sp, spec,
+                          out=out[i:j])
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, bias, sq, sk, sv, sp = ctx.saved_tensors
         spec = ctx.spec
-        mult, qs, ks, vs, ps, mask, nw = spec
         need = ctx.needs_input_grad
-        _, qq, kq, vq, p, pq = _attn_forward(q, k, v, bias, sq, sk, sv, sp,
-                                             spec, keep=True)
-        grad_v = grad_sv = grad_q = grad_sq = grad_k = grad_sk = None
-        grad_bias = grad_sp = None
-        grad_pq = grad.matmul(vq.transpose(-2, -1))
-        if need[2] or need[6]:
-            grad_vq = pq.transpose(-2, -1).matmul(grad)
-            grad_v, grad_sv = _quant_input_grad(grad_vq, v, sv, vs, need[6])
-            del grad_vq
-        del pq, vq
-        if ps is not None and ps[0] == 'uniform':
-            grad_p, grad_sp = lsq_backward(grad_pq, p, sp, ps[1], ps[2],
-                                           ps[3], need[7])
-        else:
-            grad_p = grad_pq  # log-sqrt2: straight through
-        del grad_pq
-        grad_attn = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
-        del grad_p, p
-        if bias is not None and need[3]:
-            grad_bias = grad_attn.sum_to_size(bias.shape)
-        if need[1] or need[5]:
-            grad_kq = grad_attn.transpose(-2, -1).matmul(qq)
-            grad_k, grad_sk = _quant_input_grad(grad_kq, k, sk, ks, need[5])
-            del grad_kq
-        if need[0] or need[4]:
-            grad_qq = grad_attn.matmul(kq)
-            del grad_attn, kq, qq
-            qm = q * mult
-            grad_qm, grad_sq = _quant_input_grad(grad_qq, qm, sq, qs, need[4])
-            grad_q = grad_qm.mul_(mult) if need[0] else None
-        return (grad_q, grad_k, grad_v, grad_bias, grad_sq, grad_sk, grad_sv,
-                grad_sp, None)
+        grads = {name: grad.new_empty(t.shape) if n else None
+                 for name, t, n in (('q', q, need[0]), ('k', k, need[1]),
+                                    ('v', v, need[2]))}
+        # scale/bias gradients accumulate in buffers made up front
+        acc = [None if t is None or not n else torch.zeros_like(t)
+               for t, n in ((bias, need[3]), (sq, need[4]), (sk, need[5]),
+                            (sv, need[6]), (sp, need[7]))]
+        for i, j in _chunks(q.shape[0], _attn_step(q, k, spec[6])):
+            outs = {n: None if g is None else g[i:j] for n, g in grads.items()}
+            small = _attn_backward(grad[i:j], q[i:j], k[i:j], v[i:j], bias,
+                                   sq, sk, sv, sp, spec, need, outs)
+            for n, g in enumerate(small):
+                if g is not None:
+                    acc[n].add_(g)
+        return (grads['q'], grads['k'], grads['v'], acc[0], acc[1], acc[2],
+                acc[3], acc[4], None)
 
 
-def _quant_input_grad(grad, x, scale, spec, need_scale):
+def _attn_backward(grad, q, k, v, bias, sq, sk, sv, sp, spec, need, outs):
+    """One batch chunk: recompute its forward, write the q/k/v gradients into
+    ``outs`` and return ``(bias, sq, sk, sv, sp)`` gradients of the chunk."""
+    mult, qs, ks, vs, ps, mask, nw = spec
+    _, qq, kq, vq, p, pq = _attn_forward(q, k, v, bias, sq, sk, sv, sp, spec,
+                                         keep=True)
+
+    def scratch(slot, shape):
+        return _scratch(slot, shape, q.dtype, q.device)
+
+    g_bias = g_sq = g_sk = g_sv = g_sp = None
+    g_pq = torch.matmul(grad, vq.transpose(-2, -1),
+                        out=scratch('att.gpq', p.shape))
+    if need[2] or need[6]:
+        g_vq = torch.matmul(pq.transpose(-2, -1), grad,
+                            out=scratch('att.g', v.shape))
+        g_sv = _quant_input_grad(g_vq, v, sv, vs, need[6], outs['v'])
+    if ps is not None and ps[0] == 'uniform':
+        g_p, g_sp = _lsq_backward(g_pq, p, sp, ps[1], ps[2], ps[3], need[7],
+                                  out=scratch('att.gp', p.shape),
+                                  ws='att.lsqp')
+    else:
+        g_p = g_pq  # log-sqrt2: straight through
+    g_attn = torch.ops.aten._softmax_backward_data.out(
+        g_p, p, -1, p.dtype, grad_input=scratch('att.gattn', p.shape))
+    if bias is not None and need[3]:
+        g_bias = g_attn.sum_to_size(bias.shape)
+    if need[1] or need[5]:
+        g_kq = torch.matmul(g_attn.transpose(-2, -1), qq,
+                            out=scratch('att.g', k.shape))
+        g_sk = _quant_input_grad(g_kq, k, sk, ks, need[5], outs['k'])
+    if need[0] or need[4]:
+        g_qq = torch.matmul(g_attn, kq, out=scratch('att.g', q.shape))
+        qm = torch.mul(q, mult, out=scratch('att.qq', q.shape))  # qq is done
+        g_sq = _quant_input_grad(g_qq, qm, sq, qs, need[4], outs['q'])
+        if outs['q'] is not None:
+            outs['q'].mul_(mult)
+    return g_bias, g_sq, g_sk, g_sv, g_sp
+
+
+def _quant_input_grad(grad, x, scale, spec, need_scale, out):
+    """Input gradient of a (possibly absent) LSQ quantizer written into
+    ``out`` (``None``: not needed); returns the scale gradient."""
     if spec is None:
-        return grad, None
-    return lsq_backward(grad, x, scale, spec[0], spec[1], spec[2], need_scale)
+        if out is not None:
+            out.copy_(grad)
+        return None
+    return _lsq_backward(grad, x, scale, spec[0], spec[1], spec[2], need_scale,
+                         need_x=out is not None, out=out, ws='att.lsq')[1]
 
 
-def _attn_forward(q, k, v, bias, sq, sk, sv, sp, spec, keep: bool = False):
+def _attn_forward(q, k, v, bias, sq, sk, sv, sp, spec, keep: bool = False,
+                  out: Optional[Tensor] = None):
     """Forward of :class:`_QuantAttention`, bitwise equal to the unfused ops.
 
-    ``keep``: also return the quantized inputs, the softmax output and the
-    quantized probabilities (backward needs them).
+    Temporaries are scratch buffers.  ``keep``: also return the quantized
+    inputs, the softmax output and the quantized probabilities (views of
+    scratch buffers, for backward).  ``out``: write the result there.
     """
     mult, qs, ks, vs, ps, mask, nw = spec
-    qq = q * mult
+
+    def scratch(slot, shape):
+        return _scratch(slot, shape, q.dtype, q.device)
+
+    b_, h, n = q.shape[:3]
+    m = k.shape[2]
+    qq = torch.mul(q, mult, out=scratch('att.qq', q.shape))
     if qs is not None:
         qq = _fake_quant(qq, sq, qs[0], qs[1], inplace=True)
-    kq = k if ks is None else _fake_quant(k, sk, ks[0], ks[1])
-    vq = v if vs is None else _fake_quant(v, sv, vs[0], vs[1])
-    attn = qq.matmul(kq.transpose(-2, -1))
+    kq = k if ks is None else _fake_quant(k, sk, ks[0], ks[1],
+                                          out=scratch('att.kq', k.shape))
+    vq = v if vs is None else _fake_quant(v, sv, vs[0], vs[1],
+                                          out=scratch('att.vq', v.shape))
+    attn = torch.matmul(qq, kq.transpose(-2, -1),
+                        out=scratch('att.logits', (b_, h, n, m)))
     if bias is not None:
-        attn = _add(attn, bias)
+        attn.add_(bias)
     if mask is not None:
-        b_, h, n, _ = attn.shape
-        attn = _add(attn.view(b_ // nw, nw, h, n, n),
-                    mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, n)
-    p = torch.softmax(attn, -1)
+        attn.view(b_ // nw, nw, h, n, m).add_(mask.unsqueeze(1).unsqueeze(0))
+    p = torch.ops.aten._softmax.out(attn, -1, False,
+                                    out=scratch('att.p', attn.shape))
+    dst = scratch('att.pq', p.shape) if keep else p
     if ps is None:
         pq = p
     elif ps[0] == 'log2':
-        pq = _log2_fake_quant(p, sp, ps[1], inplace=not keep, scratch=attn)
+        pq = _log2_fake_quant(p, sp, ps[1], scratch=attn, out=dst)
     else:
-        pq = _fake_quant(p, sp, ps[1], ps[2], inplace=not keep)
-    del attn
-    out = pq.matmul(vq)
+        pq = _fake_quant(p, sp, ps[1], ps[2], out=dst)
+    o = torch.matmul(pq, vq, out=out) if out is not None else pq.matmul(vq)
     if not keep:
-        return out, None, None, None, None, None
-    return out, qq, kq, vq, p, pq
-
-
-def _add(a: Tensor, b: Tensor) -> Tensor:
-    """``a + b``, in place when that gives the same result (``a`` is ours)."""
-    if torch.result_type(a, b) == a.dtype and \
-            torch.broadcast_shapes(a.shape, b.shape) == a.shape:
-        return a.add_(b)
-    return a + b
+        return o, None, None, None, None, None
+    return o, qq, kq, vq, p, pq
 
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, mult: float,
@@ -583,6 +753,12 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, mult: float,
         else:
             raise ValueError(f'p_quant kind {p_quant[0]!r}: use "log2" or '
                              '"uniform".')
+    dtypes = {t.dtype for t in (q, k, v, bias, mask, sq, sk, sv, sp)
+              if t is not None}
+    if len(dtypes) > 1:
+        raise ValueError('quant_attention: q, k, v, bias, mask and the scales '
+                         f'must share one dtype, got {sorted(map(str, dtypes))}'
+                         '; cast them (or use the op-by-op forward).')
     nw = None if mask is None else mask.shape[0]
     spec = (mult, qs, ks, vs, ps, mask, nw)
     return _QuantAttention.apply(q, k, v, bias, sq, sk, sv, sp, spec)
