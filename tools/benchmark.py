@@ -62,11 +62,11 @@ import time
 import warnings
 
 MODEL_SPECS = {
-    'deit_s': dict(kind='cls', img=224, batch=8,
+    'deit_s': dict(kind='cls', img=224, batch=4,
                    cfg='mmpretrain::deit/deit-small_4xb256_in1k.py'),
-    'swin_t': dict(kind='cls', img=224, batch=8,
+    'swin_t': dict(kind='cls', img=224, batch=4,
                    cfg='mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'),
-    'det_swin_t': dict(kind='backbone', img=224, batch=8,
+    'det_swin_t': dict(kind='backbone', img=224, batch=4,
                        cfg='mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
     'mask_rcnn': dict(kind='det', img=320, batch=1,
                       cfg='mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
@@ -488,7 +488,7 @@ def worker(spec: dict) -> dict:
         trim_heap()  # calibration garbage is not model state
         state = rss_mb() - base0
         peaks = []
-        for _ in range(spec.get('steps', 2)):
+        for _ in range(spec.get('steps', 1)):
             peak, before, method = measure_peak(v.train_step)
             peaks.append(peak)
         return dict(step_peak_mb=max(peaks), state_mb=state,
@@ -511,7 +511,8 @@ def qwt_worker(spec: dict, base0: float) -> dict:
     mc.data_preprocessor = copy.deepcopy(cfg.data_preprocessor)
     mc.pop('init_cfg', None)
     mc.train_cfg = {}
-    img, bs, n = QWT_MODEL['img'], QWT_MODEL['batch'], spec['images']
+    img = spec.get('img') or QWT_MODEL['img']
+    bs, n = QWT_MODEL['batch'], spec['images']
     mc.backbone.img_size = img
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         torch.manual_seed(0)
@@ -526,7 +527,7 @@ def qwt_worker(spec: dict, base0: float) -> dict:
 
     model.set_quant_state(QState.CALIBRATING)
     with torch.no_grad():
-        model.model.backbone(next(iter(batches())))
+        model(next(iter(batches())), mode='tensor')
     for _, q in model.act_quantizers():
         q.finish_calibration()
     model.set_quant_state(QState.FROZEN)
@@ -552,8 +553,11 @@ def qwt_worker(spec: dict, base0: float) -> dict:
 
 def run_worker(spec: dict, args, log) -> dict:
     cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(spec)]
+    env = dict(os.environ)
+    if args.live_memory:
+        env['MALLOC_MMAP_THRESHOLD_'] = '131072'
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True,
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=args.worker_timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -684,11 +688,12 @@ def parse_args(argv=None):
     p.add_argument('--models', nargs='+', choices=list(MODEL_SPECS),
                    help='default: all four (--quick: deit_s)')
     p.add_argument('--quick', action='store_true',
-                   help='DeiT-S + QwT, 2 rounds (~2-3 min)')
+                   help='DeiT-S (memory of FP32 and Act-QAT only) and QwT '
+                   'at 64 px, 2 rounds (~2-3 min)')
     p.add_argument('--repeats', type=int, help='rounds per variant '
                    '(default 3, --quick 2); warm-up excluded')
     p.add_argument('--batch', type=int,
-                   help='batch of the 224 px models (default 8)')
+                   help='batch of the 224 px models (default 4)')
     p.add_argument('--det-batch', type=int, default=1,
                    help='Mask R-CNN batch (default 1, as GPLQ on COCO)')
     p.add_argument('--threads', type=int, default=1,
@@ -702,6 +707,10 @@ def parse_args(argv=None):
     p.add_argument('--out', default='work_dirs/benchmark/benchmark.json')
     p.add_argument('--update-doc', metavar='MD',
                    help='rewrite the results section of this markdown file')
+    p.add_argument('--live-memory', action='store_true',
+                   help='run the memory workers with a fixed glibc mmap '
+                   'threshold (MALLOC_MMAP_THRESHOLD_=131072): RSS then '
+                   'follows the live tensors, without heap fragmentation')
     p.add_argument('--worker-timeout', type=int, default=900)
     p.add_argument('--worker', help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -724,6 +733,7 @@ def main(argv=None):
     models = args.models or (['deit_s'] if args.quick else list(MODEL_SPECS))
     args.repeats = args.repeats or (2 if args.quick else 3)
     res = dict(machine=machine_info(args.threads), repeats=args.repeats,
+               live_memory=args.live_memory,
                command=' '.join([osp.join('tools', 'benchmark.py')] +
                                 (argv if argv is not None else sys.argv[1:])),
                models={}, memory={}, qwt=[])
@@ -733,7 +743,7 @@ def main(argv=None):
         if not args.no_memory:
             r = res['models'][name]
             res['memory'][name] = {}
-            for v in TRAIN_VARIANTS:
+            for v in (('fp32', 'actqat') if args.quick else TRAIN_VARIANTS):
                 spec = dict(task='train_mem', model=name, variant=v,
                             batch=r['batch'], img=r['img'],
                             threads=args.threads)
@@ -745,7 +755,8 @@ def main(argv=None):
     if not args.no_qwt:
         log('== QwT fitting memory')
         for n in args.qwt_images:
-            q = run_worker(dict(task='qwt', images=n, threads=args.threads),
+            q = run_worker(dict(task='qwt', images=n, threads=args.threads,
+                                img=64 if args.quick else QWT_MODEL['img']),
                            args, log)
             q.setdefault('images', n)
             res['qwt'].append(q)

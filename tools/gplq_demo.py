@@ -115,9 +115,12 @@ def run_task(task: str, args, size: dict, log) -> dict:
     wd = osp.join(args.work_dir, task)
     r = Runner(wd, env={spec['env']: root}, log=log)
     train, test = stock_tool(spec['pkg'], 'train'), stock_tool(spec['pkg'], 'test')
-    # a stage is reused only if the sizes, seed and config files are unchanged
-    key = dict(size=size, seed=args.seed, configs={
-        k: _digest(spec[k]) for k in ('fp32', 'gplq', 'qat')})
+    # a stage is reused only if the sizes, seed and the config files it uses
+    # are unchanged (the QAT config inherits the GPLQ one)
+    base_key = dict(size=size, seed=args.seed, fp32=_digest(spec['fp32']))
+    key = base_key
+    gplq_key = dict(base_key, gplq=_digest(spec['gplq']))
+    qat_key = dict(gplq_key, qat=_digest(spec['qat']))
     rows = []
 
     def d(name):
@@ -163,7 +166,7 @@ def run_task(task: str, args, size: dict, log) -> dict:
         [PY, QUANTIZE, spec['qat'], osp.join(out, 'epoch_1.pth'), '--method',
          'qat', '--no-qwt', '--out-dir', out, '--name', 'qat', *calib],
         [PY, test, osp.join(out, 'qat_w4a4.py'), ck, '--work-dir', out],
-    ], key, dict(ckpt=ck))
+    ], qat_key, dict(ckpt=ck))
     rows.append(_row('direct W4A4 QAT (1 epoch)', st, r.test_metrics('qat'), ck,
                      spec))
 
@@ -173,7 +176,7 @@ def run_task(task: str, args, size: dict, log) -> dict:
     st = r.run('gplq_w32a4', [
         [PY, train, spec['gplq'], '--work-dir', out, *calib_hook],
         [PY, test, spec['gplq'], w32a4, '--work-dir', out],
-    ], key, dict(ckpt=w32a4))
+    ], gplq_key, dict(ckpt=w32a4))
     rows.append(_row('GPLQ W32A4 (Act-QAT)', st, r.test_metrics('gplq_w32a4'),
                      w32a4, spec))
 
@@ -184,7 +187,7 @@ def run_task(task: str, args, size: dict, log) -> dict:
         [PY, QUANTIZE, spec['gplq'], w32a4, '--out-dir', out, '--name', 'gplq',
          *calib],
         [PY, test, osp.join(out, 'gplq_w4a4.py'), ck, '--work-dir', out],
-    ], key, dict(ckpt=ck))
+    ], gplq_key, dict(ckpt=ck))
     rows.append(_row('GPLQ W4A4 (+QwT)', st, r.test_metrics('gplq_w4a4'), ck,
                      spec))
     return dict(metrics=[m[0] for m in spec['metrics']], rows=rows,

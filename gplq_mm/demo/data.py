@@ -25,7 +25,7 @@ import os
 import os.path as osp
 import shutil
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -38,12 +38,12 @@ __all__ = [
 ]
 
 #: Bump when the rendering changes, so stale data on disk is regenerated.
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 CLS_VERSION = 1
 
 #: Instance classes of the shapes set (COCO category ids are 1..len).
 SHAPES_CLASSES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'star',
-                                   'cross')
+                                   'cross', 'hexagon')
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the idx files.
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -434,12 +434,14 @@ def make_shapes_coco(out_dir: str, num_train: int = 400, num_val: int = 100,
         out_dir/annotations/instances_train.json
         out_dir/annotations/instances_val.json
 
-    Each image (``img_size`` square, RGB) has 1-6 objects of the classes in
-    :data:`SHAPES_CLASSES`, with random size (about 11-56 px at 128 px), rotation,
-    aspect, colour and fill texture (solid, stripes, checker, noise, gradient),
-    partial truncation at the border and mutual occlusion (each object keeps at least
-    ~45% of its pixels visible), over a gradient background with unannotated clutter
-    (lines, arcs, dots, irregular blobs) and sensor noise. Annotations are the
+    Each image (``img_size`` square, RGB) has 1-4 objects of the 6 classes in
+    :data:`SHAPES_CLASSES` (circle and hexagon are deliberately similar), with random
+    size (circumradius 10-32 px at 128 px, log-uniform), rotation, aspect, colour
+    and fill texture (mostly solid; stripes, checker, noise, gradient), truncation
+    at the border (>= 60% inside) and mutual occlusion (each object keeps >= 65% of
+    its pixels visible), over a gradient background with low-frequency blotches,
+    unannotated clutter (lines, arcs, dots, irregular blobs) and sensor noise. The
+    knobs are in ``_SHAPES_STYLE``. Annotations are the
     *visible* masks as compressed RLE, ``bbox`` is the tight xywh box of the visible
     mask, ``area`` its pixel count, ``iscrowd`` 0.
 

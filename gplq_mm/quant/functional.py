@@ -210,7 +210,9 @@ def fake_quantize_lsq(x: Tensor, scale: Tensor, qmin: int, qmax: int,
 
 def quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """Integer codes (as float) ``clamp(round(x/s), qmin, qmax)``."""
-    return torch.clamp(torch.round(x / scale), qmin, qmax)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return torch.clamp(torch.round(x / scale), qmin, qmax)
+    return torch.div(x, scale).round_().clamp_(qmin, qmax)  # one buffer
 
 
 def fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -346,6 +348,32 @@ def pack_int4(codes: Tensor) -> Tensor:
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
+_INT4_PAIRS = {}
+
+
+def unpack_int4_float(packed: Tensor, length: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """``unpack_int4(packed, length).to(dtype)`` with two allocations.
+
+    Each byte is looked up in a 256 x 2 table of its (low, high) codes, so
+    the integer layers do not build five int16/int8 temporaries of the
+    weight's size on every forward.
+    """
+    if not 0 <= length <= 2 * packed.shape[-1]:
+        raise ValueError(f'unpack_int4: length {length} does not fit in '
+                         f'{packed.shape[-1]} packed bytes (2 codes each).')
+    key = (dtype, packed.device)
+    lut = _INT4_PAIRS.get(key)
+    if lut is None:
+        b = torch.arange(256)
+        lut = torch.stack([b & 0xF, b >> 4], dim=1)
+        lut = torch.where(lut > 7, lut - 16, lut).to(dtype).to(packed.device)
+        _INT4_PAIRS[key] = lut
+    out = torch.nn.functional.embedding(packed.to(torch.int32), lut)
+    out = out.flatten(-2)
+    return out if out.shape[-1] == length else out[..., :length]
+
+
 def unpack_int4(packed: Tensor, length: int) -> Tensor:
     """Inverse of :func:`pack_int4`; returns int8 codes with last dim ``length``."""
     if not 0 <= length <= 2 * packed.shape[-1]:
@@ -393,16 +421,19 @@ class _LSQLinear(torch.autograd.Function):
                 'lin.xq', torch.broadcast_shapes(x.shape, scale.shape), dt,
                 x.device))
             return torch.nn.functional.linear(xq, weight, bias)
-        out = x2.new_empty((rows, weight.shape[0]), dtype=dt)
+        # allocated in its final shape: a reshaped view as the output of a
+        # custom Function could not be modified in place (e.g. ReLU(inplace))
+        out = x2.new_empty(x.shape[:-1] + weight.shape[:1], dtype=dt)
+        out2 = out.view(rows, weight.shape[0])
         wt = weight.t()
         for i, j in _chunks(rows, step):
             xq = _fake_quant(x2[i:j], scale, qmin, qmax, out=_scratch(
                 'lin.xq', (j - i, cols), dt, x.device))
             if bias is None:
-                torch.mm(xq, wt, out=out[i:j])
+                torch.mm(xq, wt, out=out2[i:j])
             else:
-                torch.addmm(bias, xq, wt, out=out[i:j])
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+                torch.addmm(bias, xq, wt, out=out2[i:j])
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -238,10 +238,10 @@ class _IntWeightMixin:
     def weight_codes(self) -> Tensor:
         flat = int(torch.Size(self.weight_shape[1:]).numel())
         if self.w_bits <= 4:
-            c = QF.unpack_int4(self.weight_packed, flat)
+            c = QF.unpack_int4_float(self.weight_packed, flat)
         else:
-            c = self.weight_packed
-        return c.float().reshape(self.weight_shape)
+            c = self.weight_packed.float()
+        return c.reshape(self.weight_shape)
 
     def dequantized_weight(self) -> Tensor:
         """FP32 weight equivalent to the integer layer, in input units.
@@ -274,9 +274,9 @@ class IntQLinear(_IntWeightMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.act_quant.check_ready(x)
         xc = self.act_quant.codes(x)
-        y = F.linear(xc, self.weight_codes()) * self.weight_scale
+        y = F.linear(xc, self.weight_codes()).mul_(self.weight_scale)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y
 
     def extra_repr(self) -> str:
@@ -313,9 +313,9 @@ class IntQConv2d(_IntWeightMixin, nn.Module):
         xc = self.act_quant.codes(x)
         y = F.conv2d(xc, self.weight_codes(), None, self.stride, self.padding,
                      self.dilation, self.groups)
-        y = y * self.weight_scale.reshape(1, -1, 1, 1)
+        y = y.mul_(self.weight_scale.reshape(1, -1, 1, 1))
         if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
+            y = y.add_(self.bias.reshape(1, -1, 1, 1))
         return y
 
     def extra_repr(self) -> str:
