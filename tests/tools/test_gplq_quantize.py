@@ -202,9 +202,10 @@ def cls_wide(make_arch, tmp_path_factory):
 
 def test_checkpoint_of_other_size(runs, arch, cls_wide, out_dir, tmp_path):
     fails(runs, [arch['cls'].stage1_cfg, cls_wide.w32a4_ckpt], out_dir,
-          tmp_path, 'does not match config', 'tensors have other shapes',
-          'model.backbone.cls_token (1, 1, 48)', 'pass the config it was '
-          'trained with')
+          tmp_path, 'does not match the GPLQ model',
+          'shape mismatch (checkpoint vs model)',
+          'model.backbone.cls_token (1, 1, 48) vs model (1, 1, 32)',
+          'stage-1 config it was trained with')
 
 
 def test_checkpoint_of_other_architecture(runs, arch, out_dir, tmp_path):
