@@ -31,14 +31,16 @@ stays within a few percent, so the ratios are taken on CPU time (wall ratios
 are printed beside them).  Memory: each worker builds one variant, runs one
 warm-up step (AdamW allocates its state), returns freed heap to the OS
 (``malloc_trim``), resets the RSS high-water mark (``echo 5 >
-/proc/self/clear_refs``) and reads ``VmHWM`` after a measured step; the step
-peak is ``VmHWM`` minus the RSS just before the step (model, gradients-free
-optimizer state and teacher are in that baseline and reported apart).
+/proc/self/clear_refs``) and reads ``VmHWM`` after a measured step (twice;
+the larger is kept); the step peak is ``VmHWM`` minus the RSS just before the
+step (model, gradient-free optimizer state and teacher are in that baseline
+and reported apart as "state").  The workers are forked children of one
+import-only server process per model, one child per variant.
 
 Usage::
 
     python tools/benchmark.py                       # all models (~10 min)
-    python tools/benchmark.py --quick               # DeiT-S + QwT (~2-3 min)
+    python tools/benchmark.py --quick               # DeiT-S + QwT (~1-2 min)
     python tools/benchmark.py --models deit_s swin_t --repeats 5
     python tools/benchmark.py --update-doc docs/benchmark.md
 
@@ -476,10 +478,55 @@ def time_model(name: str, args, log) -> dict:
 # ---------------------------------------------------------------------------
 # workers (separate processes: memory)
 # ---------------------------------------------------------------------------
+def fork_server(spec: dict) -> dict:
+    """Import everything once, then run each job in a forked child.
+
+    Every job (one model variant, or one QwT fit) gets a process of its own,
+    started from this import-only state, so none inherits another's heap;
+    only the ~6 s of imports per process are saved.
+    """
+    import torch
+    torch.set_num_threads(spec['threads'])
+    quiet()
+    import mmdet.models  # noqa: F401
+    import mmpretrain.models  # noqa: F401
+    from mmengine.hub import get_config  # noqa: F401
+    import gplq_mm  # noqa: F401
+    from gplq_mm.ptq.weight_ptq import weight_ptq  # noqa: F401
+    from gplq_mm.engine.hooks.calibration_hook import make_teacher  # noqa
+    out = {}
+    for job in spec['jobs']:
+        job = dict(job, threads=spec['threads'])
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(rfd)
+            code = 0
+            try:
+                res = worker(job)
+            except BaseException as e:  # report, never fall through
+                import traceback
+                res = dict(error=f'{type(e).__name__}: {e}\n'
+                           f'{traceback.format_exc()[-2000:]}')
+                code = 1
+            with os.fdopen(wfd, 'w') as f:
+                f.write(json.dumps(res))
+            os._exit(code)
+        os.close(wfd)
+        with os.fdopen(rfd) as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        out[job['key']] = json.loads(data) if data else dict(
+            error='the child process died without a result')
+    return out
+
+
 def worker(spec: dict) -> dict:
     import torch
     torch.set_num_threads(spec['threads'])
     quiet()
+    if spec['task'] == 'server':
+        return fork_server(spec)
     base0 = rss_mb()
     if spec['task'] == 'train_mem':
         fac = ModelFactory(spec['model'], spec['batch'], spec['img'])
@@ -488,7 +535,7 @@ def worker(spec: dict) -> dict:
         trim_heap()  # calibration garbage is not model state
         state = rss_mb() - base0
         peaks = []
-        for _ in range(spec.get('steps', 1)):
+        for _ in range(spec.get('steps', 2)):  # max of two measured steps
             peak, before, method = measure_peak(v.train_step)
             peaks.append(peak)
         return dict(step_peak_mb=max(peaks), state_mb=state,
@@ -689,7 +736,7 @@ def parse_args(argv=None):
                    help='default: all four (--quick: deit_s)')
     p.add_argument('--quick', action='store_true',
                    help='DeiT-S (memory of FP32 and Act-QAT only) and QwT '
-                   'at 64 px, 2 rounds (~2-3 min)')
+                   'at 64 px, 2 rounds (~1-2 min)')
     p.add_argument('--repeats', type=int, help='rounds per variant '
                    '(default 3, --quick 2); warm-up excluded')
     p.add_argument('--batch', type=int,
@@ -742,26 +789,36 @@ def main(argv=None):
         res['models'][name] = time_model(name, args, log)
         if not args.no_memory:
             r = res['models'][name]
+            jobs = [dict(task='train_mem', key=v, model=name, variant=v,
+                         batch=r['batch'], img=r['img'])
+                    for v in (('fp32', 'actqat') if args.quick else
+                              TRAIN_VARIANTS)]
+            out = run_worker(dict(task='server', jobs=jobs,
+                                  threads=args.threads), args, log)
             res['memory'][name] = {}
-            for v in (('fp32', 'actqat') if args.quick else TRAIN_VARIANTS):
-                spec = dict(task='train_mem', model=name, variant=v,
-                            batch=r['batch'], img=r['img'],
-                            threads=args.threads)
-                m = run_worker(spec, args, log)
-                res['memory'][name][v] = m
-                log(f'  memory {v}: step peak '
-                    f'{m.get("step_peak_mb", float("nan")):.0f} MB, state '
-                    f'{m.get("state_mb", float("nan")):.0f} MB')
+            for job in jobs:
+                m = out.get(job['key'], dict(error=out.get('error', '?')))
+                res['memory'][name][job['key']] = m
+                if 'error' in m:
+                    log(f'  memory {job["key"]} failed: {m["error"]}')
+                    continue
+                log(f'  memory {job["key"]}: step peak '
+                    f'{m["step_peak_mb"]:.0f} MB, state '
+                    f'{m["state_mb"]:.0f} MB')
     if not args.no_qwt:
         log('== QwT fitting memory')
-        for n in args.qwt_images:
-            q = run_worker(dict(task='qwt', images=n, threads=args.threads,
-                                img=64 if args.quick else QWT_MODEL['img']),
-                           args, log)
-            q.setdefault('images', n)
+        img = 64 if args.quick else QWT_MODEL['img']
+        jobs = [dict(task='qwt', key=str(n), images=n, img=img)
+                for n in args.qwt_images]
+        out = run_worker(dict(task='server', jobs=jobs, threads=args.threads),
+                         args, log)
+        for job in jobs:
+            q = out.get(job['key'], dict(error=out.get('error', '?')))
+            q.setdefault('images', job['images'])
             res['qwt'].append(q)
-            log(f'  QwT {n} images: peak {q.get("peak_mb", float("nan")):.0f}'
-                f' MB, {q.get("wall_s", float("nan")):.0f}s')
+            log(f'  QwT {job["images"]} images: peak '
+                f'{q.get("peak_mb", float("nan")):.0f} MB, '
+                f'{q.get("wall_s", float("nan")):.0f}s')
     res['machine']['loadavg_end'] = os.getloadavg()[0]
     res['seconds'] = time.time() - t_start
     text = tables(res)
