@@ -89,9 +89,13 @@ else
 fi
 
 # 3. The OpenMMLab python packages and gplq_mm (editable, so tools/ and configs/ stay here).
+#    The check runs from / so that it sees the installed gplq_mm, not ./gplq_mm: an
+#    editable install of another checkout is replaced by this one.
 if have mmengine==0.10.7 mmdet==3.3.0 mmpretrain==1.2.0 gplq_mm==$("$PY" -c "exec(open('$HERE/gplq_mm/version.py').read()); print(__version__)") \
-   && "$PY" -c "import gplq_mm, mmdet, mmpretrain, matplotlib, pytest" >/dev/null 2>&1; then
-  say "mmengine, mmdet, mmpretrain, gplq_mm: already installed"
+   && (cd / && "$PY" -c "import gplq_mm, mmdet, mmpretrain, matplotlib, pytest, os, sys; \
+sys.exit(os.path.dirname(os.path.realpath(gplq_mm.__file__)) != os.path.realpath('$HERE/gplq_mm'))") \
+      >/dev/null 2>&1; then
+  say "mmengine, mmdet, mmpretrain, gplq_mm (from $HERE): already installed"
 else
   say "installing mmengine 0.10.7, mmdet 3.3.0, mmpretrain 1.2.0 and gplq_mm (editable)"
   # The constraints keep pip from replacing the torch/mmcv/numpy installed above.
