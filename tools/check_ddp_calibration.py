@@ -162,7 +162,21 @@ def run(args) -> int:
               f'{record["ranks_agree_after_calibration"]}, after '
               f'{runner.iter} training iterations: '
               f'{record["ranks_agree_after_training"]}; wrote {args.out}')
+    _shutdown_distributed()
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Tear the gloo group down before exit.
+
+    Leaving it to interpreter shutdown races gloo's background threads and
+    aborts the process ("terminate called without an active exception"),
+    after all the work is done.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def compare(path_a: str, path_b: str, atol: float = 0.0) -> int:

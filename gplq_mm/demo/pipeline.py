@@ -12,6 +12,7 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -42,6 +43,10 @@ def parse_test_metrics(log_text: str) -> Dict[str, float]:
     return {k: v for k, v in found.items() if '/' in k}
 
 
+class StageError(RuntimeError):
+    """A demo stage failed; the message names the command and its log."""
+
+
 @dataclass
 class Stage:
     name: str
@@ -55,10 +60,11 @@ class Runner:
     """Runs measured, cached stages under ``work_dir``."""
 
     def __init__(self, work_dir: str, env: Optional[Dict[str, str]] = None,
-                 log=print):
+                 log=print, stop: Optional[threading.Event] = None):
         self.work_dir = work_dir
         self.env = dict(os.environ, **(env or {}))
         self.log = log
+        self.stop = stop  # set by the caller when another pipeline failed
 
     def stage_dir(self, name: str) -> str:
         d = osp.join(self.work_dir, name)
@@ -84,6 +90,9 @@ class Runner:
         self.log(f'[{name}] running ({len(steps)} step(s)); log: {d}/')
         total, peak = 0.0, 0.0
         for i, cmd in enumerate(steps):
+            if self.stop is not None and self.stop.is_set():
+                raise StageError(f'stage {name} not run: another demo '
+                                   'pipeline failed (see its error)')
             mj, ml = osp.join(d, f'step{i}.json'), osp.join(d, f'step{i}.log')
             t0 = time.time()
             rc = subprocess.run([sys.executable, '-m', 'gplq_mm.demo.measure',
@@ -94,13 +103,13 @@ class Runner:
             peak = max(peak, rec.get('peak_rss_mib', 0.0))
             if rc != 0:
                 tail = ''.join(open(ml).readlines()[-25:]) if osp.exists(ml) else ''
-                raise RuntimeError(f'stage {name} step {i} failed (exit {rc}): '
+                raise StageError(f'stage {name} step {i} failed (exit {rc}): '
                                    f'{" ".join(cmd)}\n--- end of {ml} ---\n{tail}')
             self.log(f'[{name}] step {i + 1}/{len(steps)} done in '
                      f'{rec.get("seconds", 0):.0f}s')
         missing = [p for p in outputs.values() if not osp.exists(p)]
         if missing:
-            raise RuntimeError(f'stage {name} finished but did not write {missing}')
+            raise StageError(f'stage {name} finished but did not write {missing}')
         json.dump(dict(key=key, seconds=total, peak_rss_mib=peak,
                        outputs=outputs), open(done, 'w'), indent=1)
         return Stage(name, total, peak, False, outputs)
