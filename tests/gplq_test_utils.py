@@ -220,3 +220,81 @@ def last_metrics(text: str, prefix: str) -> Dict[str, float]:
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+# -- bad data (tests of docs/reliability.md) ---------------------------------
+NAN_MODULE = 'gplq_test_nan'
+_NAN_SOURCE = '''"""Test-only transform: images become float32; the one whose path ends
+with ``suffix`` gets a NaN pixel (as a corrupt float image would)."""
+import numpy as np
+from mmengine.registry import TRANSFORMS
+
+
+@TRANSFORMS.register_module(force=True)
+class GPLQTestNaNImage:
+
+    def __init__(self, suffix):
+        self.suffix = suffix
+
+    def __call__(self, results):
+        img = results['img'].astype(np.float32)
+        if results['img_path'].endswith(self.suffix):
+            img[0, 0] = np.nan
+        results['img'] = img
+        return results
+'''
+
+
+def write_nan_config(directory, base: str, suffix: str, img_size: int = 32
+                     ) -> str:
+    """A config inheriting ``tests/configs/<base>`` (a classifier) whose
+    train and test pipelines put a NaN pixel into the image ``*suffix``.
+    Writes the transform module next to it: run with PYTHONPATH=directory."""
+    directory = str(directory)
+    with open(osp.join(directory, f'{NAN_MODULE}.py'), 'w') as f:
+        f.write(_NAN_SOURCE)
+    path = osp.join(directory, f'nan_{osp.basename(base)}')
+    with open(path, 'w') as f:
+        f.write(
+            f'_base_ = {osp.join(CONFIGS, base)!r}\n'
+            f"custom_imports = dict(imports=['gplq_mm', {NAN_MODULE!r}], "
+            'allow_failed_imports=False)\n'
+            "nan_pipeline = [dict(type='LoadImageFromFile'),\n"
+            f"    dict(type='GPLQTestNaNImage', suffix={suffix!r}),\n"
+            f"    dict(type='Resize', scale=({img_size}, {img_size})),\n"
+            "    dict(type='PackInputs')]\n"
+            'train_dataloader = dict(dataset=dict(pipeline=nan_pipeline))\n'
+            'val_dataloader = dict(dataset=dict(pipeline=nan_pipeline))\n'
+            'test_dataloader = val_dataloader\n')
+    return path
+
+
+def train_images(root: str) -> List[str]:
+    """Training images of a classification set, in CustomDataset order."""
+    train = osp.join(root, 'train')
+    return [osp.join(train, c, f) for c in sorted(os.listdir(train))
+            for f in sorted(os.listdir(osp.join(train, c)))]
+
+
+def copy_with_black_image(src_root: str, dst_root: str, index: int) -> str:
+    """Copy a classification set (folder per class) and overwrite training
+    image number ``index`` (in mmpretrain's CustomDataset order: sorted
+    classes, sorted files) with an all-zero image of the same size.
+    Returns that image's path."""
+    import shutil
+
+    import cv2
+    import numpy as np
+    shutil.copytree(src_root, dst_root)
+    path = train_images(dst_root)[index]
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    assert cv2.imwrite(path, np.zeros_like(img))
+    return path
+
+
+def first_shuffled_index(n: int, seed: int) -> int:
+    """The first index mmengine's ``DefaultSampler(shuffle=True, seed)``
+    yields in epoch 0 for a dataset of ``n`` items."""
+    from mmengine.dataset import DefaultSampler
+    return next(iter(DefaultSampler(list(range(n)), shuffle=True,
+                                    seed=seed)))

@@ -598,11 +598,16 @@ def qwt_worker(spec: dict, base0: float) -> dict:
                 total_mb=state + peak, method=method, **rep)
 
 
-def run_worker(spec: dict, args, log) -> dict:
+# glibc: every allocation of 128 KiB or more gets its own mapping, returned
+# to the OS on free, so RSS follows the live tensors (no heap fragmentation)
+LIVE_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'}
+
+
+def run_worker(spec: dict, args, log, live: bool = False) -> dict:
     cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(spec)]
     env = dict(os.environ)
-    if args.live_memory:
-        env['MALLOC_MMAP_THRESHOLD_'] = '131072'
+    if live:
+        env.update(LIVE_ENV)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=args.worker_timeout)
@@ -634,29 +639,32 @@ def tables(res: dict) -> str:
     lines.append('')
     lines.append('Training step (forward + backward + AdamW), ratio to FP32 '
                  'of the same model; time = CPU-time median (wall median); '
-                 'memory = step peak above model+optimizer (total incl. '
-                 'state).')
+                 'memory = RSS step peak above model+optimizer (total incl. '
+                 'state), glibc defaults; live = the same with a fixed mmap '
+                 'threshold (RSS follows the live tensors).')
     lines.append('')
     lines.append('| model | variant | step CPU s | ratio CPU | step wall s | '
-                 'ratio wall | step peak MB | ratio | total MB | ratio |')
-    lines.append('|---|---|---|---|---|---|---|---|---|---|')
+                 'ratio wall | step peak MB | ratio | total MB | ratio | '
+                 'live step peak MB | ratio |')
+    lines.append('|---|---|---|---|---|---|---|---|---|---|---|---|')
+
+    def cell(d, v, key):
+        x, ref = d.get(v, {}).get(key), d.get('fp32', {}).get(key)
+        return ('-' if x is None else f'{x:.0f}',
+                fmt_ratio(x / ref if x and ref else None))
+
     for name, r in res['models'].items():
         mem = res.get('memory', {}).get(name, {})
-        f_mem = mem.get('fp32', {})
+        live = res.get('memory_live', {}).get(name, {})
         for v, t in r['train'].items():
-            mm = mem.get(v, {})
-            sp = mm.get('step_peak_mb')
-            tot = mm.get('total_mb')
-            rsp = sp / f_mem['step_peak_mb'] if sp and f_mem.get(
-                'step_peak_mb') else None
-            rtot = tot / f_mem['total_mb'] if tot and f_mem.get(
-                'total_mb') else None
+            sp, rsp = cell(mem, v, 'step_peak_mb')
+            tot, rtot = cell(mem, v, 'total_mb')
+            lsp, rlsp = cell(live, v, 'step_peak_mb')
             lines.append(
                 f'| {name} (b{r["batch"]}, {r["img"]}px) | {v} | '
                 f'{t["cpu_median"]:.2f} | {fmt_ratio(t["cpu_ratio"])} | '
                 f'{t["wall_median"]:.2f} | {fmt_ratio(t["wall_ratio"])} | '
-                f'{"-" if sp is None else f"{sp:.0f}"} | {fmt_ratio(rsp)} | '
-                f'{"-" if tot is None else f"{tot:.0f}"} | {fmt_ratio(rtot)} |')
+                f'{sp} | {rsp} | {tot} | {rtot} | {lsp} | {rlsp} |')
     lines.append('')
     lines.append('Inference (eval, no_grad, same batch), ratio to FP32:')
     lines.append('')
@@ -675,17 +683,22 @@ def tables(res: dict) -> str:
                      f'{q0.get("img")} px, batch {q0.get("batch")}); peak '
                      'above the calibrated model, ratio to 64 images:')
         lines.append('')
-        lines.append('| images | peak MB | ratio | total MB | CPU s | wall s |')
-        lines.append('|---|---|---|---|---|---|')
+        lines.append('| images | peak MB | ratio | total MB | live peak MB '
+                     '| ratio | CPU s | wall s |')
+        lines.append('|---|---|---|---|---|---|---|---|')
         base = res['qwt'][0].get('peak_mb')
+        lbase = res['qwt'][0].get('live_peak_mb')
         for q in res['qwt']:
             if 'error' in q:
-                lines.append(f'| {q.get("images")} | failed | | | | |')
+                lines.append(f'| {q.get("images")} | failed | | | | | | |')
                 continue
+            lp = q.get('live_peak_mb')
             lines.append(f'| {q["images"]} | {q["peak_mb"]:.0f} | '
                          f'{fmt_ratio(q["peak_mb"] / base)} | '
-                         f'{q["total_mb"]:.0f} | {q["cpu_s"]:.1f} | '
-                         f'{q["wall_s"]:.1f} |')
+                         f'{q["total_mb"]:.0f} | '
+                         f'{"-" if lp is None else f"{lp:.0f}"} | '
+                         f'{fmt_ratio(lp / lbase if lp and lbase else None)} | '
+                         f'{q["cpu_s"]:.1f} | {q["wall_s"]:.1f} |')
     return '\n'.join(lines)
 
 
@@ -696,22 +709,28 @@ def check_targets(res: dict) -> list:
         if t:
             out.append((f'{name} Act-QAT step time (CPU)', t['cpu_ratio'],
                         TARGETS['train_time_actqat']))
-        mem = res.get('memory', {}).get(name, {})
-        if mem.get('actqat', {}).get('step_peak_mb') and \
-                mem.get('fp32', {}).get('step_peak_mb'):
-            out.append((f'{name} Act-QAT step peak memory',
-                        mem['actqat']['step_peak_mb'] /
-                        mem['fp32']['step_peak_mb'],
-                        TARGETS['train_mem_actqat']))
+        for key, what in (('memory', 'RSS, glibc default'),
+                          ('memory_live', 'live tensors')):
+            mem = res.get(key, {}).get(name, {})
+            if mem.get('actqat', {}).get('step_peak_mb') and \
+                    mem.get('fp32', {}).get('step_peak_mb'):
+                out.append((f'{name} Act-QAT step peak memory ({what})',
+                            mem['actqat']['step_peak_mb'] /
+                            mem['fp32']['step_peak_mb'],
+                            TARGETS['train_mem_actqat']))
         i = r['infer'].get('w4a4_fake')
         if i:
             out.append((f'{name} W4A4 fake-quant inference (CPU)',
                         i['cpu_ratio'], TARGETS['infer_time_w4a4_fake']))
     q = [x for x in res.get('qwt', []) if 'peak_mb' in x]
     if len(q) >= 2:
-        out.append(('QwT peak memory, most vs fewest images',
-                    q[-1]['peak_mb'] / q[0]['peak_mb'],
+        out.append(('QwT peak memory, most vs fewest images (RSS, glibc '
+                    'default)', q[-1]['peak_mb'] / q[0]['peak_mb'],
                     TARGETS['qwt_mem_512_vs_64']))
+        if q[0].get('live_peak_mb') and q[-1].get('live_peak_mb'):
+            out.append(('QwT peak memory, most vs fewest images (live '
+                        'tensors)', q[-1]['live_peak_mb'] /
+                        q[0]['live_peak_mb'], TARGETS['qwt_mem_512_vs_64']))
     return out
 
 
@@ -719,8 +738,14 @@ def update_doc(path: str, text: str) -> None:
     begin, end = '<!-- BEGIN RESULTS -->', '<!-- END RESULTS -->'
     with open(path) as f:
         doc = f.read()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f'{path} has no {begin} ... {end} section.')
+    # exactly one marker pair, in order: anything else (a marker pasted
+    # twice, or an END before the BEGIN) would keep stale text or a stray
+    # marker around the new results
+    if doc.count(begin) != 1 or doc.count(end) != 1 or \
+            doc.index(begin) > doc.index(end):
+        raise SystemExit(f'{path}: expected one {begin} ... {end} section '
+                         f'(found {doc.count(begin)} BEGIN and '
+                         f'{doc.count(end)} END markers); fix the file.')
     pre, rest = doc.split(begin, 1)
     _, post = rest.split(end, 1)
     with open(path, 'w') as f:
@@ -754,10 +779,9 @@ def parse_args(argv=None):
     p.add_argument('--out', default='work_dirs/benchmark/benchmark.json')
     p.add_argument('--update-doc', metavar='MD',
                    help='rewrite the results section of this markdown file')
-    p.add_argument('--live-memory', action='store_true',
-                   help='run the memory workers with a fixed glibc mmap '
-                   'threshold (MALLOC_MMAP_THRESHOLD_=131072): RSS then '
-                   'follows the live tensors, without heap fragmentation')
+    p.add_argument('--no-live', action='store_true',
+                   help='skip the second memory measurement of FP32 and '
+                   'Act-QAT with a fixed glibc mmap threshold (live tensors)')
     p.add_argument('--worker-timeout', type=int, default=900)
     p.add_argument('--worker', help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -780,7 +804,7 @@ def main(argv=None):
     models = args.models or (['deit_s'] if args.quick else list(MODEL_SPECS))
     args.repeats = args.repeats or (2 if args.quick else 3)
     res = dict(machine=machine_info(args.threads), repeats=args.repeats,
-               live_memory=args.live_memory,
+               memory_live={},
                command=' '.join([osp.join('tools', 'benchmark.py')] +
                                 (argv if argv is not None else sys.argv[1:])),
                models={}, memory={}, qwt=[])
@@ -805,6 +829,16 @@ def main(argv=None):
                 log(f'  memory {job["key"]}: step peak '
                     f'{m["step_peak_mb"]:.0f} MB, state '
                     f'{m["state_mb"]:.0f} MB')
+            if not args.no_live:
+                jobs = [j for j in jobs if j['key'] in ('fp32', 'actqat')]
+                out = run_worker(dict(task='server', jobs=jobs,
+                                      threads=args.threads), args, log,
+                                 live=True)
+                res['memory_live'][name] = {
+                    j['key']: out.get(j['key'], dict(error='?')) for j in jobs}
+                log('  live memory: ' + ', '.join(
+                    f'{k} {v.get("step_peak_mb", float("nan")):.0f} MB'
+                    for k, v in res['memory_live'][name].items()))
     if not args.no_qwt:
         log('== QwT fitting memory')
         img = 64 if args.quick else QWT_MODEL['img']
@@ -819,6 +853,16 @@ def main(argv=None):
             log(f'  QwT {job["images"]} images: peak '
                 f'{q.get("peak_mb", float("nan")):.0f} MB, '
                 f'{q.get("wall_s", float("nan")):.0f}s')
+        if not args.no_live and len(jobs) > 1:
+            ends = [jobs[0], jobs[-1]]  # fewest and most images
+            out = run_worker(dict(task='server', jobs=ends,
+                                  threads=args.threads), args, log, live=True)
+            for q, job in zip(res['qwt'], jobs):
+                if job in ends:
+                    q['live_peak_mb'] = out.get(job['key'], {}).get('peak_mb')
+            log('  QwT live memory: ' + ', '.join(
+                f'{q["images"]} images {q["live_peak_mb"]:.0f} MB'
+                for q in res['qwt'] if q.get('live_peak_mb') is not None))
     res['machine']['loadavg_end'] = os.getloadavg()[0]
     res['seconds'] = time.time() - t_start
     text = tables(res)

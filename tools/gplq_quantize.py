@@ -18,6 +18,7 @@ Methods (all write the same integer W4A4 form, evaluated the same way):
 """
 import argparse
 import hashlib
+import io
 import json
 import os
 import os.path as osp
@@ -150,6 +151,35 @@ def runner_model_cfg(cfg):
     return model
 
 
+def imports_gplq(cfg) -> bool:
+    """Whether the config's ``custom_imports`` import gplq_mm."""
+    imports = (cfg.get('custom_imports') or {}).get('imports') or []
+    if isinstance(imports, str):
+        imports = [imports]
+    return 'gplq_mm' in imports
+
+
+def add_gplq_import(cfg) -> None:
+    """Add gplq_mm to ``custom_imports``, keeping the config's own."""
+    ci = dict(cfg.get('custom_imports') or {})
+    imports = ci.get('imports') or []
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    ci['imports'] = imports + ['gplq_mm']
+    ci.setdefault('allow_failed_imports', False)
+    cfg.custom_imports = ci
+
+
+def calibration_record(loader, num_images: int, seed: int) -> dict:
+    """Indices (and image paths) of the whole calibration subset."""
+    from gplq_mm.ptq.calib import calibration_indices
+    ds = getattr(loader.dataset, 'dataset', loader.dataset)
+    idx = calibration_indices(len(ds), num_images, seed)
+    paths = []
+    if hasattr(ds, 'get_data_info'):
+        paths = [ds.get_data_info(i).get('img_path') for i in idx]
+    return dict(seed=seed, indices=idx, images=paths)
+
+
 def shape_mismatches(model, sd: dict) -> list:
     """Tensors of ``sd`` whose shape differs from the model's (mmengine's
     non-strict loading would only warn and keep random values)."""
@@ -164,6 +194,11 @@ def shape_mismatches(model, sd: dict) -> list:
     return bad
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
 def atomic_write(path: str, write) -> None:
     """Write via a temporary file in the same directory, then rename."""
     root, ext = osp.splitext(path)
@@ -176,14 +211,35 @@ def atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
+def shutdown_distributed(barrier: bool) -> None:
+    """Tear the process group down before exit (``--launcher``).
+
+    Left to interpreter shutdown, gloo's background threads race the exit and
+    abort the process ("terminate called without an active exception") after
+    all the work is done.  ``barrier``: wait for the other ranks first (a
+    successful run: rank 0 may still be writing); a failing rank does not
+    wait, so the others see the failure instead of hanging in a collective.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cleanup = Cleanup()
+    ok = False
     try:
-        return quantize(args, cleanup)
+        code = quantize(args, cleanup)
+        ok = True
+        return code
     except BaseException:  # incl. SystemExit from fail(): undo, then re-raise
         cleanup.undo()
         raise
+    finally:
+        shutdown_distributed(barrier=ok)
 
 
 def quantize(args, cleanup: Cleanup) -> int:
@@ -195,6 +251,8 @@ def quantize(args, cleanup: Cleanup) -> int:
     from mmengine.runner import load_state_dict
 
     import gplq_mm
+    from gplq_mm.engine.input_check import (NonFiniteInputError,
+                                            check_finite_inputs)
     from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
                                                 load_checkpoint_file)
     from gplq_mm.models.gplq_model import CheckpointMismatchError, GPLQModel
@@ -215,11 +273,12 @@ def quantize(args, cleanup: Cleanup) -> int:
         w_cfg = WeightQuantConfig(bits=args.w_bits, search=args.clip_search)
     except ValueError as e:
         fail(f'--w-bits {args.w_bits}: {e}')
-    check_out_dir(args.out_dir, cleanup)
     if args.launcher != 'none':
         # stage 2 computes on the CPU (QwT sums in float64): gloo either way.
         # mmengine's init_dist also pins a CUDA device, which fails on a
         # CPU-only machine, so there torchrun's environment is used directly.
+        # Every rank computes; only rank 0 touches --out-dir (it alone writes
+        # the outputs, the log, and undoes its own files if the run fails).
         if torch.cuda.is_available():
             init_dist(args.launcher, backend='gloo')
         elif args.launcher == 'pytorch':
@@ -228,6 +287,8 @@ def quantize(args, cleanup: Cleanup) -> int:
             fail(f'--launcher {args.launcher} needs GPUs (mmengine pins one '
                  'per process); on a CPU-only machine start the processes '
                  'with torchrun and pass --launcher pytorch.')
+    if is_main_process():
+        check_out_dir(args.out_dir, cleanup)
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -235,7 +296,9 @@ def quantize(args, cleanup: Cleanup) -> int:
     name = args.name or osp.splitext(osp.basename(args.config))[0]
     # the log is renamed to <name>_w4a4.log once everything is written
     log_path = osp.join(args.out_dir, f'{name}_w4a4.log')
-    log_tmp = cleanup.add_file(osp.join(args.out_dir, f'{name}_w4a4.tmp.log'))
+    log_tmp = osp.join(args.out_dir, f'{name}_w4a4.tmp.log')
+    if is_main_process():
+        cleanup.add_file(log_tmp)
     logger = MMLogger.get_instance(
         'gplq_quantize', log_file=log_tmp if is_main_process() else None)
     cleanup.loggers.append(logger)
@@ -248,8 +311,16 @@ def quantize(args, cleanup: Cleanup) -> int:
                  'checkpoint was trained with (see configs/gplq/); for the '
                  'PTQ baseline from an FP32 checkpoint use --method repq.')
         cfg.model = dict(type='GPLQModel', model=cfg.model)
-        cfg.custom_imports = dict(imports=['gplq_mm'],
-                                  allow_failed_imports=False)
+        if not imports_gplq(cfg):
+            add_gplq_import(cfg)
+    elif not imports_gplq(cfg):
+        # this tool imports gplq_mm itself; the stock scripts would not
+        fail(f"{args.config} uses type='GPLQModel' but its custom_imports do "
+             "not import gplq_mm: add the line `custom_imports = "
+             "dict(imports=['gplq_mm'], allow_failed_imports=False)` to the "
+             'config. Without it the stock tools/train.py and tools/test.py '
+             '(and the W4A4 config written from it) fail with "GPLQModel is '
+             'not in the model registry".')
     if cfg.model.get('w4a4'):
         fail(f'{args.config} is already a W4A4 config; pass the stage-1 '
              'config.')
@@ -307,25 +378,39 @@ def quantize(args, cleanup: Cleanup) -> int:
         fail(f'calibration data not found: {e}. Stage 2 reads its images from '
              "the config's train_dataloader; point it at your copy, e.g. "
              '--cfg-options train_dataloader.dataset.data_root=DIR/')
+    calib_record = calibration_record(loader, args.calib_images, args.seed)
     log(f'calibration set: {args.calib_images} images (seed {args.seed}, '
         f'{args.calib_pipeline} pipeline), {len(loader)} batches on rank '
-        f'{get_rank()}')
+        f'{get_rank()}; indices {calib_record["indices"][:8]}'
+        f'{" ..." if args.calib_images > 8 else ""}')
 
+    # calibration batches only (no training step here): one isfinite each
     def full_forward(batch):
         data = model.data_preprocessor(batch, False)
+        check_finite_inputs(data, 'calibration')
         model(**data, mode='tensor')
 
     def backbone_forward(batch):
         data = model.data_preprocessor(batch, False)
+        check_finite_inputs(data, 'calibration')
         model.model.backbone(data['inputs'])
 
-    if args.method == 'repq':
-        override_observers(model, args.act_observer)
-        calibrate_activations(model, loader, full_forward, log)
+    try:
+        if args.method == 'repq':
+            override_observers(model, args.act_observer)
+            calibrate_activations(model, loader, full_forward, log)
 
-    report = weight_ptq(model.model, lambda: loader, backbone_forward, w_cfg,
-                        qwt=not args.no_qwt, lam=args.qwt_lambda,
-                        use_learned_scale=args.method == 'qat', logger=log)
+        report = weight_ptq(model.model, lambda: loader, backbone_forward,
+                            w_cfg, qwt=not args.no_qwt, lam=args.qwt_lambda,
+                            use_learned_scale=args.method == 'qat',
+                            logger=log,
+                            batch_ids=loader.batch_sampler.global_ids)
+    except NonFiniteInputError as e:
+        fail(f'{e} Nothing was written.')
+    except ValueError as e:  # an observer saw NaN/inf inside the model
+        if 'NaN or inf' not in str(e):
+            raise
+        fail(f'{e} Nothing was written.')
     kept = [b.name for b in report.blocks if b.kept]
     log(report.table())
 
@@ -333,6 +418,8 @@ def quantize(args, cleanup: Cleanup) -> int:
     out_cfg = cfg.copy()
     out_cfg.model.w4a4 = dict(w_bits=args.w_bits, qwt_blocks=kept)
     out_cfg.load_from = None
+    if not imports_gplq(out_cfg):  # the stock test.py needs it
+        add_gplq_import(out_cfg)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     src_sd_bytes = state_bytes(sd)
     meta = dict(
@@ -343,8 +430,7 @@ def quantize(args, cleanup: Cleanup) -> int:
                   calib_pipeline=args.calib_pipeline,
                   source_checkpoint=osp.abspath(args.checkpoint),
                   source_sha256=sha256(args.checkpoint),
-                  gplq_mm_version=gplq_mm.__version__,
-                  time=time.strftime('%Y-%m-%d %H:%M:%S')),
+                  gplq_mm_version=gplq_mm.__version__),
         dataset_meta=ckpt.get('meta', {}).get('dataset_meta'))
     if not is_main_process():
         return 0
@@ -354,8 +440,13 @@ def quantize(args, cleanup: Cleanup) -> int:
     # self-check: a model built from the written config must load the
     # checkpoint strictly and compute exactly what the converted model does
     atomic_write(cfg_path, lambda p: out_cfg.dump(p))
-    atomic_write(ckpt_path, lambda p: torch.save(
-        dict(state_dict=state, meta=meta), p))
+    # byte-reproducible: no wall-clock time in the file (it is in the JSON
+    # report), and serialised to memory so that the zip archive's internal
+    # name does not depend on the output file name
+    buf = io.BytesIO()
+    torch.save(dict(state_dict=state, meta=meta), buf)
+    atomic_write(ckpt_path, lambda p: write_bytes(p, buf.getvalue()))
+    del buf
     check = Config.fromfile(cfg_path)
     rebuilt = MODELS.build(runner_model_cfg(check))
     loaded = torch.load(ckpt_path, map_location='cpu', weights_only=True)
@@ -379,6 +470,10 @@ def quantize(args, cleanup: Cleanup) -> int:
                  w4a4_checkpoint_bytes=osp.getsize(ckpt_path),
                  w4a4_state_dict_bytes=state_bytes(state))
     summary = dict(config=cfg_path, checkpoint=ckpt_path, method=args.method,
+                   time=time.strftime('%Y-%m-%d %H:%M:%S'),
+                   checkpoint_sha256=sha256(ckpt_path),
+                   calibration=dict(calib_record,
+                                    pipeline=args.calib_pipeline),
                    w_bits=args.w_bits, integer_layers=len(integer_layers(model.model)),
                    qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
                    wall_seconds=time.time() - t_start,

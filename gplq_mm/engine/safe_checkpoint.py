@@ -79,6 +79,17 @@ class UnsafeCheckpointError(RuntimeError):
     """The file needs unsafe unpickling and the user did not opt in."""
 
 
+def _looks_like_torch_file(path: str) -> bool:
+    """A zip archive (torch >= 1.6) or a legacy file (pickled magic)."""
+    import pickle
+    import zipfile
+    if zipfile.is_zipfile(path):
+        return True
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+    with open(path, 'rb') as f:
+        return f.read(len(magic)) == magic
+
+
 def load_checkpoint_file(path: str, trust: bool = False) -> dict:
     """Load a checkpoint safely; unsafe unpickling only with ``trust=True``.
 
@@ -97,6 +108,11 @@ def load_checkpoint_file(path: str, trust: bool = False) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _looks_like_torch_file(path):  # not worth "trusting"
+            raise RuntimeError(
+                f'{path} is not a readable torch checkpoint (truncated or '
+                'corrupted?): it is neither a zip archive (torch.save) nor a '
+                'legacy torch file. Re-copy or re-create the file.') from None
         raise UnsafeCheckpointError(
             f'{path} holds Python objects that torch.load(weights_only=True) '
             'refuses (e.g. mmengine HistoryBuffer/numpy from a checkpoint not '

@@ -33,9 +33,51 @@ def calibration_indices(dataset_len: int, num_images: int, seed: int) -> List[in
     return sorted(rng.choice(dataset_len, num_images, replace=False).tolist())
 
 
+class CalibBatchSampler:
+    """Global batches of the calibration subset, this process's share.
+
+    The subset is cut into consecutive batches of ``batch_size`` (the last
+    one may be smaller): global batch ``g`` holds subset positions
+    ``[g * batch_size, (g + 1) * batch_size)`` and goes to rank
+    ``g % world_size``.  One process therefore sees the same batches (same
+    images together, same padding) as any number of processes together, and
+    ``global_ids`` tells stage 2 which global batches this process holds
+    (QwT holds out the odd ones).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f'--batch-size {batch_size}: use at least 1.')
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+        self.num_global = -(-num_samples // batch_size)
+        if self.num_global < world_size:
+            raise ValueError(
+                f'--calib-images {num_samples} with --batch-size {batch_size} '
+                f'gives {self.num_global} calibration batch(es), fewer than '
+                f'the {world_size} processes (a process without batches would '
+                f'stall the all-reduce): pass --calib-images '
+                f'{world_size * batch_size} or more, or a smaller --batch-size.')
+        self.global_ids = list(range(rank, self.num_global, world_size))
+
+    def __iter__(self):
+        for g in self.global_ids:
+            start = g * self.batch_size
+            yield list(range(start, min(start + self.batch_size,
+                                        self.num_samples)))
+
+    def __len__(self) -> int:
+        return len(self.global_ids)
+
+
 def build_calib_loader(cfg, num_images: int, batch_size: int, seed: int,
                        pipeline: str = 'test') -> DataLoader:
     """Loader over a seeded subset of the config's training set.
+
+    Under ``torch.distributed`` each process loads whole batches of the
+    subset (:class:`CalibBatchSampler`: global batch ``g`` on rank
+    ``g % world_size``; ``loader.batch_sampler.global_ids`` lists them).
 
     Args:
         cfg: The mmengine Config (default scope already set).
@@ -55,16 +97,12 @@ def build_calib_loader(cfg, num_images: int, batch_size: int, seed: int,
     dataset = DATASETS.build(ds_cfg)
     idx = calibration_indices(len(dataset), num_images, seed)
     rank, world = get_dist_info()
-    if num_images < world:  # a rank without batches would stall the all-reduce
-        raise ValueError(f'--calib-images {num_images} is smaller than the '
-                         f'number of processes ({world}): pass at least '
-                         f'{world}.')
-    idx = idx[rank::world]
+    sampler = CalibBatchSampler(len(idx), batch_size, rank, world)
     collate = cfg.train_dataloader.get('collate_fn',
                                        dict(type='pseudo_collate'))
     collate_fn = FUNCTIONS.get(collate['type'])
-    return DataLoader(Subset(dataset, idx), batch_size=batch_size,
-                      shuffle=False, num_workers=0, collate_fn=collate_fn)
+    return DataLoader(Subset(dataset, idx), batch_sampler=sampler,
+                      num_workers=0, collate_fn=collate_fn)
 
 
 def override_observers(gplq_model, observer: str,

@@ -13,18 +13,30 @@ Order (what the paper and DESIGN.md sections 1/4 ask for):
    weights (Y_fp) and with integer weights (Y_q), both on A4 inputs; the
    running float64 sums of QwT (X^T X, X^T (Y_fp - Y_q)) are accumulated
    batch by batch, the compensation is solved in closed form and kept only if
-   it reduces the error on held-out batches.
+   it reduces the error on held-out batches.  Which batches are held out is a
+   function of the global batch index (odd = held out), so a run split over
+   several processes sees the same split as one process.
+
+Memory is flat in the number of calibration images: besides the running sums
+nothing is kept across batches, everything a block keeps (its FP32 copy, its
+integer layers, the sums and their float64 scratch) is allocated before its
+first batch, and freed heap pages are handed back to the OS after every batch
+(glibc ``malloc_trim``), so the RSS peak is the peak of one batch instead of
+the union of the heap pages all batches happened to touch.
 """
 import copy
+import ctypes
+import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from gplq_mm.quant import (IntQConv2d, IntQLinear, QState, QwTSums,
                            WeightQuantConfig, fit_qwt)
+from gplq_mm.quant.qwt import QwTScratch
 from .convert import (attach_qwt, convert_layer, float_layers,
                       transformer_blocks)
 
@@ -116,6 +128,64 @@ def _block_inputs(model: nn.Module, block: nn.Module,
     return got['args'], got['kwargs']
 
 
+import os
+_EXP_C = os.environ.get('EXP_C') == '1'
+_TRIM_AT = {'prefix'}
+PROBES = []
+def _probe(tag):
+    if os.environ.get('PROBE') != '1': return
+    import re
+    txt = open('/proc/self/status').read()
+    g = lambda k: int(re.search(k + r':\s+(\d+)', txt).group(1)) / 1024
+    PROBES.append((tag, g('VmHWM'), g('VmRSS')))
+    with open('/proc/self/clear_refs', 'w') as f: f.write('5')
+_UNSET = object()
+_MALLOC_TRIM = _UNSET
+
+
+def release_heap() -> bool:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim(0)``).
+
+    glibc keeps freed chunks resident; over many forward passes the freed
+    temporaries land in ever other places of the heap, so without this the
+    RSS grows with the number of batches although the live tensors do not.
+    Returns False (and does nothing) where libc has no ``malloc_trim``
+    (musl, macOS, Windows).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is _UNSET:
+        fn = None
+        if sys.platform.startswith('linux'):
+            fn = getattr(ctypes.CDLL(None), 'malloc_trim', None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        _MALLOC_TRIM = fn
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+def _block_width(block: nn.Module) -> Optional[int]:
+    """Channels of a block's input/output (its first LayerNorm), if any."""
+    for m in block.modules():
+        if isinstance(m, nn.LayerNorm):
+            return int(m.normalized_shape[-1])
+    return None
+
+
+def _storages(objs) -> set:
+    out = set()
+    for o in objs:
+        if torch.is_tensor(o):
+            out.add(o.untyped_storage().data_ptr())
+        elif isinstance(o, (list, tuple)):
+            out |= _storages(o)
+        elif isinstance(o, dict):
+            out |= _storages(o.values())
+    return out
+
+
 @torch.no_grad()
 def weight_ptq(model: nn.Module,
                batches: Callable[[], Iterable],
@@ -124,7 +194,8 @@ def weight_ptq(model: nn.Module,
                qwt: bool = True,
                lam: float = 1e-2,
                use_learned_scale: bool = False,
-               logger: Optional[Callable[[str], None]] = None) -> PTQReport:
+               logger: Optional[Callable[[str], None]] = None,
+               batch_ids: Optional[Sequence[int]] = None) -> PTQReport:
     """Quantize the weights of a calibrated W32A4 ``model`` in place.
 
     Args:
@@ -138,6 +209,12 @@ def weight_ptq(model: nn.Module,
         lam: Ridge lambda of QwT (the bias is not regularised).
         use_learned_scale: Use learned weight scales (direct-QAT baseline).
         logger: Progress messages.
+        batch_ids: Global index of each batch ``batches()`` yields (default
+            0, 1, 2, ...): batch ``g`` goes to the fit accumulator if ``g`` is
+            even, to the held-out one if odd.  Under ``torch.distributed``
+            pass the indices of this process's share of the global batches
+            (``build_calib_loader(...).batch_sampler.global_ids``); the sums
+            are all-reduced, so every process fits on all batches.
     """
     log = logger or (lambda msg: None)
     t0 = time.time()
@@ -149,7 +226,12 @@ def weight_ptq(model: nn.Module,
     convert_outside_blocks(model, w_cfg, report, use_learned_scale)
     log(f'converted {len(report.layers)} layers outside transformer blocks')
     blocks = transformer_blocks(model)
+    # float64 copies of QwTSums.update, shared by all blocks (reallocated
+    # only where the width or the rows per batch grow)
+    scratch = QwTScratch()
     for bi, (bname, block) in enumerate(blocks):
+        # everything this block keeps is allocated before its first batch:
+        # its FP32 copy, its integer layers, its QwT sums
         fp_block = copy.deepcopy(block) if qwt else None
         for name in float_layers(model, bname):
             w = model.get_submodule(name).weight
@@ -158,16 +240,50 @@ def weight_ptq(model: nn.Module,
                                              _rel_error(new, w)))
         if not qwt:
             continue
-        sums = None
+        if _EXP_C:
+            scratch = QwTScratch()
+        width = _block_width(block)
+        sums = None if width is None else \
+            [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
+        release_heap()  # the previous block's garbage and conversion temps
+        i = -1
         for i, batch in enumerate(batches()):
+            g = i if batch_ids is None else _global_id(batch_ids, i)
             args, kwargs = _block_inputs(model, block, run, batch)
+            del batch
             x = args[0]
-            y_fp = fp_block(*args, **kwargs)
+            # the prefix forward's temporaries are garbage now: hand their
+            # pages back before the two block forwards (see release_heap)
+            _probe('prefix')
+            if 'prefix' in _TRIM_AT:
+                release_heap()
+            _probe('trim')
+            res = fp_block(*args, **kwargs)
+            _probe('fp')
             y_q = block(*args, **kwargs)
-            if sums is None:
-                c_in, c_out = x.shape[-1], y_q.shape[-1]
-                sums = (QwTSums(c_in, c_out), QwTSums(c_in, c_out))
-            sums[i % 2].update(x, y_fp - y_q)  # alternate: fit / held out
+            _probe('q')
+            if res.untyped_storage().data_ptr() in _storages((args, kwargs)):
+                res = res - y_q  # the block returned (a view of) its input
+            else:
+                res.sub_(y_q)  # Y_fp - Y_q, in the FP32 output's memory
+            del y_q
+            c_in, c_out = x.shape[-1], res.shape[-1]
+            if sums is None or (sums[0].n == sums[1].n == 0 and
+                                (sums[0].in_dim, sums[0].out_dim) !=
+                                (c_in, c_out)):
+                sums = [QwTSums(c_in, c_out, scratch),
+                        QwTSums(c_in, c_out, scratch)]
+            sums[g % 2].update(x, res)  # even: fit, odd: held out
+            del args, kwargs, x, res
+            _probe('update')
+            if 'end' in _TRIM_AT:
+                release_heap()
+        if batch_ids is not None and i + 1 != len(batch_ids):
+            raise ValueError(f'weight_ptq: batch_ids has {len(batch_ids)} '
+                             f'entries but batches() gave {i + 1} batches.')
+        if sums is None:
+            raise ValueError(f'QwT: no calibration batch reached {bname}; '
+                             'use at least one calibration image.')
         for s in sums:
             s.all_reduce()
         fit = fit_qwt(sums[0], sums[1], lam)
@@ -178,12 +294,24 @@ def weight_ptq(model: nn.Module,
                                          fit.exact))
         log(f'QwT block {bi + 1}/{len(blocks)} {bname}: '
             f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f}')
-        del fp_block
+        del fp_block, sums, fit
+        if _EXP_C:
+            scratch.xa = scratch.r = None
+            release_heap()
+    del scratch
+    release_heap()
     remaining = float_layers(model)
     if remaining:
         raise RuntimeError(f'layers left unconverted: {remaining[:5]}')
     report.seconds = time.time() - t0
     return report
+
+
+def _global_id(batch_ids: Sequence[int], i: int) -> int:
+    if i >= len(batch_ids):
+        raise ValueError(f'weight_ptq: batches() gave more than the '
+                         f'{len(batch_ids)} batches of batch_ids.')
+    return int(batch_ids[i])
 
 
 def integer_layers(model: nn.Module) -> Dict[str, nn.Module]:

@@ -20,34 +20,91 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+# Rows of one float64 pass of QwTSums.update: its scratch (two [rows, C]
+# float64 buffers, kept across updates) stays bounded whatever the batch size.
+QWT_CHUNK_ELEMS = 1 << 20
+
+
+class QwTScratch:
+    """Float64 scratch of :meth:`QwTSums.update`, kept across batches.
+
+    The fit and held-out accumulators of a block share one: the per-batch
+    float64 copies then reuse the same memory instead of being allocated and
+    freed every batch (which, with glibc, leaves heap holes and made the RSS
+    peak of a fit creep with the number of calibration batches).
+    """
+
+    def __init__(self):
+        self.xa: Optional[Tensor] = None  # [rows, C_in + 1], last column 1
+        self.r: Optional[Tensor] = None  # [rows, C_out]
+
+    def get(self, rows: int, in_dim: int, out_dim: int) -> Tuple[Tensor, Tensor]:
+        xa, r = self.xa, self.r
+        if xa is None or xa.shape[0] < rows or xa.shape[1] != in_dim + 1 \
+                or r.shape[1] != out_dim:
+            self.xa = self.r = xa = r = None  # free the old ones first
+            xa = torch.empty(rows, in_dim + 1, dtype=torch.float64)
+            xa[:, in_dim] = 1.0
+            r = torch.empty(rows, out_dim, dtype=torch.float64)
+            self.xa, self.r = xa, r
+        return xa[:rows], r[:rows]
+
+
 class QwTSums:
     """Running sums of one accumulator (augmented with a constant 1 column)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int,
+                 scratch: Optional[QwTScratch] = None):
         self.in_dim, self.out_dim = in_dim, out_dim
         self.xx = torch.zeros(in_dim + 1, in_dim + 1, dtype=torch.float64)
         self.xr = torch.zeros(in_dim + 1, out_dim, dtype=torch.float64)
         self.rr = torch.zeros((), dtype=torch.float64)
         self.n = 0
+        self.scratch = scratch if scratch is not None else QwTScratch()
 
     def update(self, x: Tensor, residual: Tensor) -> None:
-        """Add rows: ``x`` ``[..., C_in]`` and ``residual`` ``[..., C_out]``."""
+        """Add rows: ``x`` ``[..., C_in]`` and ``residual`` ``[..., C_out]``.
+
+        The rows are cast to float64 in chunks of at most
+        ``QWT_CHUNK_ELEMS`` elements into the (reused) scratch; nothing is
+        added if the rows hold NaN or inf.
+        """
         if x.shape[-1] != self.in_dim or residual.shape[-1] != self.out_dim \
                 or x.numel() // self.in_dim != residual.numel() // self.out_dim:
             raise ValueError(
                 f'QwT: expected inputs [..., {self.in_dim}] and residuals '
                 f'[..., {self.out_dim}] with the same rows, got '
                 f'{tuple(x.shape)} and {tuple(residual.shape)}.')
-        x = x.detach().reshape(-1, self.in_dim).double()
-        r = residual.detach().reshape(-1, self.out_dim).double()
-        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(r).all())):
+        x = x.detach().reshape(-1, self.in_dim)  # a view where possible
+        r = residual.detach().reshape(-1, self.out_dim)
+        m = x.shape[0]
+        step = max(1, QWT_CHUNK_ELEMS // max(self.in_dim + 1, self.out_dim))
+        xx = xr = rr = None
+        for s in range(0, m, step):
+            xa_c, r_c = self.scratch.get(min(step, m - s), self.in_dim,
+                                         self.out_dim)
+            xa_c[:, :self.in_dim].copy_(x[s:s + step])
+            r_c.copy_(r[s:s + step])
+            dxx, dxr = xa_c.t() @ xa_c, xa_c.t() @ r_c
+            drr = r_c.mul_(r_c).sum()
+            if xx is None:
+                xx, xr, rr = dxx, dxr, drr
+            else:
+                xx += dxx
+                xr += dxr
+                rr += drr
+        if m == 0:
+            return
+        # a NaN/inf row reaches the diagonal of X^T X (x) or the bias row of
+        # X^T R (r); finite float32 rows cannot overflow float64 here
+        if not (bool(torch.isfinite(xx).all()) and
+                bool(torch.isfinite(xr).all()) and bool(torch.isfinite(rr))):
             raise ValueError('QwT: NaN/inf in block inputs or outputs; check the '
                              'calibration images and the checkpoint.')
-        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        self.xx += xa.t() @ xa
-        self.xr += xa.t() @ r
-        self.rr += (r * r).sum()
-        self.n += x.shape[0]
+        self.xx += xx
+        self.xr += xr
+        self.rr += rr
+        self.n += m
 
     def add(self, other: 'QwTSums') -> 'QwTSums':
         out = QwTSums(self.in_dim, self.out_dim)

@@ -127,3 +127,20 @@ def pytest_terminal_summary(terminalreporter, config):
             f'{sum(t for _, t in times):.0f}s in total')
         for cmd, t in times:
             terminalreporter.write_line(f'  {t:6.1f}s  {cmd}')
+
+
+@pytest.fixture(scope='session')
+def cls_w4a4(arch, runs, tmp_path_factory):
+    """W4A4 config + checkpoint of the micro DeiT, written by
+    ``gplq_quantize.py`` (4 calibration images, --no-qwt)."""
+    from types import SimpleNamespace
+
+    from gplq_test_utils import tail
+    a = arch['cls']
+    out = tmp_path_factory.mktemp('cls_w4a4')
+    proc = runs.quantize(a.stage1_cfg, a.w32a4_ckpt, '--out-dir', out,
+                         '--calib-images', 4, '--no-qwt', cwd=out)
+    assert proc.returncode == 0, tail(proc)
+    base = str(out / 'gplq_deit-micro_cls_w32a4_w4a4')
+    return SimpleNamespace(arch=a, cfg=base + '.py', ckpt=base + '.pth',
+                           report=base + '.json')

@@ -1,5 +1,6 @@
 """Stage-1 calibration: initialise activation scales and the PCA teacher."""
 import copy
+import hashlib
 import time
 from typing import Optional
 
@@ -10,9 +11,12 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.utils.data import DataLoader
 
-from gplq_mm.models.gplq_model import GPLQModel
-from .safe_checkpoint_hook import GPLQSafeCheckpointHook
+from gplq_mm.engine.input_check import (NonFiniteInputError,
+                                        batch_image_names,
+                                        check_finite_inputs)
+from gplq_mm.models.gplq_model import QUANT_KEY, GPLQModel
 from gplq_mm.models.mimic import PCAAccumulator, pool_feature
+from .safe_checkpoint_hook import GPLQSafeCheckpointHook
 from gplq_mm.quant import QConv2d, QLinear, QState
 
 TEACHER_KEY = 'gplq_teacher'
@@ -70,20 +74,35 @@ class GPLQCalibrationHook(Hook):
     the PCA basis of its features are built from the same batches, and are
     saved in / restored from checkpoints (key ``gplq_teacher``) for resume.
 
+    Reliability checks: every calibration batch must be finite (an image with
+    NaN/inf is named by its path, before any scale is set); calibrating a
+    model into which no checkpoint was loaded is refused (stage 1 starts from
+    FP32 weights); ``--resume`` from a checkpoint without activation scales
+    (e.g. the FP32 file, which mmpretrain's ``train.py`` resumes from when
+    ``--cfg-options load_from=...`` is given with ``--resume``) is refused.
+    The log line after calibration ends with a SHA-256 digest of all scales,
+    to compare runs.
+
     Args:
         num_batches: Training batches for scale calibration.
         log_interval: Log progress every this many batches.
+        require_checkpoint: Refuse to calibrate when no checkpoint was loaded
+            (``load_from`` / ``--resume``).  Set False only if the model gets
+            its weights otherwise (e.g. ``init_cfg``).
     """
 
     priority = 'HIGH'  # before EMA & co. snapshot the model in before_train
 
-    def __init__(self, num_batches: int = 16, log_interval: int = 4):
+    def __init__(self, num_batches: int = 16, log_interval: int = 4,
+                 require_checkpoint: bool = True):
         if num_batches < 1:
             raise ValueError(f'GPLQCalibrationHook(num_batches={num_batches}): '
                              'calibration needs at least one batch.')
         self.num_batches = num_batches
         self.log_interval = max(1, log_interval)
+        self.require_checkpoint = require_checkpoint
         self._restored_teacher: Optional[dict] = None
+        self._loaded = False
 
     # -- checkpoint plumbing (resume) ----------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
@@ -95,8 +114,31 @@ class GPLQCalibrationHook(Hook):
                 pca_components=comps.cpu())
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._loaded = True
+        if getattr(runner, '_resume', False):
+            self._check_resume_source(runner, checkpoint)
         if TEACHER_KEY in checkpoint:
             self._restored_teacher = checkpoint[TEACHER_KEY]
+
+    @staticmethod
+    def _check_resume_source(runner, checkpoint: dict) -> None:
+        """A resume must start from a checkpoint of a GPLQ training run."""
+        sd = checkpoint.get('state_dict', checkpoint)
+        meta = checkpoint.get('meta') or {}
+        has_scales = any(QUANT_KEY.search(k) for k in sd)
+        if has_scales and 'iter' in meta and 'epoch' in meta:
+            return
+        src = getattr(runner, '_load_from', None)
+        what = 'holds no activation scales (an FP32 checkpoint?)' \
+            if not has_scales else "has no 'epoch'/'iter' in its meta"
+        raise RuntimeError(
+            f'GPLQ: --resume is resuming from {src or "a checkpoint"}, which '
+            f'{what}, so it is not a checkpoint of this stage-1 run. '
+            "mmpretrain's tools/train.py applies --cfg-options after "
+            '--resume: with `--cfg-options load_from=FP32.pth`, `--resume` '
+            'resumes from the FP32 file. When resuming, drop load_from '
+            '(`--resume` alone takes the latest checkpoint of the work_dir) '
+            'or name the checkpoint: `--resume WORK_DIR/iter_N.pth`.')
 
     # -- calibration ---------------------------------------------------------
     def before_train(self, runner) -> None:
@@ -115,6 +157,15 @@ class GPLQCalibrationHook(Hook):
             need_scales = False
         else:
             need_scales = True
+        if need_scales and self.require_checkpoint and not self._loaded:
+            raise RuntimeError(
+                'GPLQ calibration: no checkpoint was loaded, so the model '
+                'holds randomly initialised weights. Stage 1 starts from an '
+                'FP32 checkpoint: pass `--cfg-options load_from=FP32.pth`. '
+                '(`--resume` with no checkpoint in the work_dir yet loads '
+                'nothing: start the run again without --resume.) If the '
+                'model gets its weights otherwise (init_cfg), set '
+                'GPLQCalibrationHook(require_checkpoint=False).')
         need_pca = model.mimic_on and model.teacher is None
         if need_pca and self._restored_teacher is not None:
             saved = self._restored_teacher
@@ -158,7 +209,17 @@ class GPLQCalibrationHook(Hook):
                 if need_scales and i == n_scale:
                     model.set_quant_state(QState.OFF)  # PCA batches only
                 data = model.data_preprocessor(data, False)
-                model(**data, mode='tensor')
+                where = f'GPLQ calibration, batch {i + 1}'
+                check_finite_inputs(data, where)
+                try:
+                    model(**data, mode='tensor')
+                except ValueError as e:  # an observer saw NaN/inf inside
+                    if 'NaN or inf' not in str(e):
+                        raise
+                    raise NonFiniteInputError(
+                        f'{where} (images: '
+                        f'{", ".join(batch_image_names(data))}): {e}'
+                    ) from None
                 if need_pca:
                     f = pool_feature(feats.pop('f'))
                     if acc is None:
@@ -214,4 +275,16 @@ class GPLQCalibrationHook(Hook):
         n = sum(1 for _ in model.act_quantizers())
         logger.info(f'GPLQ: calibrated {n} activation quantizers '
                     f'({scales.numel()} scales; min {scales.min():.3g}, '
-                    f'median {scales.median():.3g}, max {scales.max():.3g}).')
+                    f'median {scales.median():.3g}, max {scales.max():.3g}; '
+                    f'sha256 {scales_digest(model)}).')
+
+
+def scales_digest(model: GPLQModel) -> str:
+    """First 16 hex digits of the SHA-256 of every activation scale (in
+    module order, float32): equal digests mean bitwise-equal scales."""
+    h = hashlib.sha256()
+    for name, q in model.act_quantizers():
+        h.update(name.encode())
+        h.update(q.scale.detach().float().cpu().contiguous().numpy()
+                 .tobytes())
+    return h.hexdigest()[:16]
