@@ -180,20 +180,6 @@ def calibration_record(loader, num_images: int, seed: int) -> dict:
     return dict(seed=seed, indices=idx, images=paths)
 
 
-def shape_mismatches(model, sd: dict) -> list:
-    """Tensors of ``sd`` whose shape differs from the model's (mmengine's
-    non-strict loading would only warn and keep random values)."""
-    target = model.state_dict()
-    bad = []
-    for k, v in sd.items():
-        key = k if k in target else f'model.{k}'  # FP32: keys without model.
-        if key in target and torch.is_tensor(v) and \
-                tuple(v.shape) != tuple(target[key].shape):
-            bad.append(f'{key} {tuple(v.shape)} in the checkpoint, '
-                       f'{tuple(target[key].shape)} in the model')
-    return bad
-
-
 def write_bytes(path: str, data: bytes) -> None:
     with open(path, 'wb') as f:
         f.write(data)
@@ -343,21 +329,12 @@ def quantize(args, cleanup: Cleanup) -> int:
         fail(f'{args.checkpoint} holds a {type(ckpt).__name__}, not a '
              'checkpoint dict (state_dict, meta).')
     sd = ckpt.get('state_dict', ckpt)
-    bad_shapes = shape_mismatches(model, sd)
     try:
-        model.load_state_dict(sd, strict=False)  # GPLQModel checks the keys
-    except CheckpointMismatchError as e:  # key sets differ
+        # GPLQModel's load hook checks keys and shapes (CheckpointMismatchError
+        # names them) before torch would raise its own size-mismatch error
+        model.load_state_dict(sd, strict=False)
+    except CheckpointMismatchError as e:
         fail(f'{args.checkpoint} with config {args.config}: {e}')
-    except RuntimeError:  # torch: size mismatch (raised after the key check)
-        if not bad_shapes:
-            raise
-        more = f' ... (+{len(bad_shapes) - 3} more)' \
-            if len(bad_shapes) > 3 else ''
-        fail(f'checkpoint {args.checkpoint} does not match config '
-             f'{args.config}: {len(bad_shapes)} tensors have other shapes, '
-             f'e.g. {"; ".join(bad_shapes[:3])}{more}. The checkpoint is of '
-             'another model size (e.g. embed_dims); pass the config it was '
-             'trained with.')
     if args.method in ('gplq', 'qat') and not model.all_calibrated():
         fail(f'{args.checkpoint} has no activation scales (an FP32 '
              'checkpoint?). Run stage 1 (Act-QAT) first, or use --method repq '
