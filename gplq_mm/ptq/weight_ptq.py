@@ -17,12 +17,16 @@ Order (what the paper and DESIGN.md sections 1/4 ask for):
    function of the global batch index (odd = held out), so a run split over
    several processes sees the same split as one process.
 
-Memory is flat in the number of calibration images: besides the running sums
-nothing is kept across batches, everything a block keeps (its FP32 copy, its
-integer layers, the sums and their float64 scratch) is allocated before its
-first batch, and freed heap pages are handed back to the OS after every batch
-(glibc ``malloc_trim``), so the RSS peak is the peak of one batch instead of
-the union of the heap pages all batches happened to touch.
+Memory is flat in the number of calibration images.  The live tensors are:
+besides the running sums (and their float64 scratch, reused batch after
+batch) nothing is kept across batches, and everything a block keeps (its FP32
+copy, its integer layers, its sums) is allocated before its first batch.  The
+process RSS under glibc is not flat by itself: freed temporaries stay resident
+and land in ever other places of the heap, so the resident garbage grew with
+the number of forward passes.  Freed heap pages are therefore handed back to
+the OS (glibc ``malloc_trim``, :func:`release_heap`) after each block's setup
+and twice per batch, after the prefix forward and after the block forwards,
+so each of the two phases of a batch starts from a trimmed heap.
 """
 import copy
 import ctypes
@@ -128,17 +132,6 @@ def _block_inputs(model: nn.Module, block: nn.Module,
     return got['args'], got['kwargs']
 
 
-import os
-_EXP_C = os.environ.get('EXP_C') == '1'
-_TRIM_AT = {'prefix'}
-PROBES = []
-def _probe(tag):
-    if os.environ.get('PROBE') != '1': return
-    import re
-    txt = open('/proc/self/status').read()
-    g = lambda k: int(re.search(k + r':\s+(\d+)', txt).group(1)) / 1024
-    PROBES.append((tag, g('VmHWM'), g('VmRSS')))
-    with open('/proc/self/clear_refs', 'w') as f: f.write('5')
 _UNSET = object()
 _MALLOC_TRIM = _UNSET
 
@@ -149,8 +142,9 @@ def release_heap() -> bool:
     glibc keeps freed chunks resident; over many forward passes the freed
     temporaries land in ever other places of the heap, so without this the
     RSS grows with the number of batches although the live tensors do not.
-    Returns False (and does nothing) where libc has no ``malloc_trim``
-    (musl, macOS, Windows).
+    Costs the page faults of re-touching the released pages (about 10-15% of
+    the CPU time of a QwT fit on DeiT-T).  Returns False (and does nothing)
+    where the C library has no ``malloc_trim`` (musl, macOS, Windows).
     """
     global _MALLOC_TRIM
     if _MALLOC_TRIM is _UNSET:
@@ -240,8 +234,6 @@ def weight_ptq(model: nn.Module,
                                              _rel_error(new, w)))
         if not qwt:
             continue
-        if _EXP_C:
-            scratch = QwTScratch()
         width = _block_width(block)
         sums = None if width is None else \
             [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
@@ -254,14 +246,9 @@ def weight_ptq(model: nn.Module,
             x = args[0]
             # the prefix forward's temporaries are garbage now: hand their
             # pages back before the two block forwards (see release_heap)
-            _probe('prefix')
-            if 'prefix' in _TRIM_AT:
-                release_heap()
-            _probe('trim')
+            release_heap()
             res = fp_block(*args, **kwargs)
-            _probe('fp')
             y_q = block(*args, **kwargs)
-            _probe('q')
             if res.untyped_storage().data_ptr() in _storages((args, kwargs)):
                 res = res - y_q  # the block returned (a view of) its input
             else:
@@ -275,9 +262,7 @@ def weight_ptq(model: nn.Module,
                         QwTSums(c_in, c_out, scratch)]
             sums[g % 2].update(x, res)  # even: fit, odd: held out
             del args, kwargs, x, res
-            _probe('update')
-            if 'end' in _TRIM_AT:
-                release_heap()
+            release_heap()  # ... and theirs before the next prefix forward
         if batch_ids is not None and i + 1 != len(batch_ids):
             raise ValueError(f'weight_ptq: batch_ids has {len(batch_ids)} '
                              f'entries but batches() gave {i + 1} batches.')
@@ -295,9 +280,6 @@ def weight_ptq(model: nn.Module,
         log(f'QwT block {bi + 1}/{len(blocks)} {bname}: '
             f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f}')
         del fp_block, sums, fit
-        if _EXP_C:
-            scratch.xa = scratch.r = None
-            release_heap()
     del scratch
     release_heap()
     remaining = float_layers(model)

@@ -28,10 +28,9 @@ QWT_CHUNK_ELEMS = 1 << 20
 class QwTScratch:
     """Float64 scratch of :meth:`QwTSums.update`, kept across batches.
 
-    The fit and held-out accumulators of a block share one: the per-batch
-    float64 copies then reuse the same memory instead of being allocated and
-    freed every batch (which, with glibc, leaves heap holes and made the RSS
-    peak of a fit creep with the number of calibration batches).
+    The fit and held-out accumulators (and, in ``weight_ptq``, all blocks)
+    share one: the per-batch float64 copies reuse the same memory instead of
+    being allocated and freed batch after batch.
     """
 
     def __init__(self):
