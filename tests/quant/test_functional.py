@@ -11,6 +11,7 @@ from gplq_mm.quant import (QuantConfig, WeightQuantConfig, choose_qparams,
                            fake_quantize_lsq, lsq_linear, pack_int4, quantize,
                            search_weight_scale, unpack_int4)
 from gplq_mm.quant.functional import scale_view
+from saved_tensors import ptrs, saved_tensors
 
 # Grid bounds written out by hand (not computed by the code under test).
 SIGNED = {2: (-2, 1), 4: (-8, 7), 8: (-128, 127)}
@@ -186,28 +187,12 @@ def test_fake_quantize_gives_no_scale_grad():
 # --------------------------------------------------------------------------
 # saved tensors (memory)
 # --------------------------------------------------------------------------
-def _packed(fn):
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, packed
-
-
-def _ptrs(ts):
-    return sorted((t.data_ptr(), tuple(t.shape)) for t in ts)
-
-
 def test_lsq_fake_quant_saves_only_x_and_scale():
     x = torch.randn(4, 8, requires_grad=True)
     s = torch.rand(8).add(0.1).requires_grad_()
-    y, packed = _packed(lambda: fake_quantize_lsq(x, s, -8, 7))
+    y, packed = saved_tensors(lambda: fake_quantize_lsq(x, s, -8, 7))
     assert len(packed) == 2
-    assert _ptrs(packed) == _ptrs([x, s])
+    assert ptrs(packed) == ptrs([x, s])
     y.sum().backward()  # the saved tensors are enough for backward
     assert x.grad is not None and s.grad is not None
 
@@ -217,10 +202,10 @@ def test_lsq_linear_saves_x_scale_weight_only():
     s = torch.rand(8).add(0.1).requires_grad_()
     w = torch.randn(3, 8, requires_grad=True)
     b = torch.randn(3, requires_grad=True)
-    _, fused = _packed(lambda: lsq_linear(x, s, w, b, -8, 7))
+    _, fused = saved_tensors(lambda: lsq_linear(x, s, w, b, -8, 7))
     assert len(fused) == 3
-    assert _ptrs(fused) == _ptrs([x, s, w])
-    _, unfused = _packed(
+    assert ptrs(fused) == ptrs([x, s, w])
+    _, unfused = saved_tensors(
         lambda: F.linear(fake_quantize_lsq(x, s, -8, 7), w, b))
     assert len(unfused) > len(fused)  # also keeps the quantized input
 

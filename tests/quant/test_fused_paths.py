@@ -23,6 +23,7 @@ from gplq_mm.quant import (QConv2d, QLinear, QuantConfig, fake_quantize_lsq,
                            log2_dequantize, log2_quantize, lsq_linear)
 from gplq_mm.quant.functional import (lsq_conv2d, lsq_grad_factor,
                                       quant_attention, scale_view)
+from saved_tensors import ptrs, saved_tensors
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -236,10 +237,10 @@ def test_qconv2d_uses_fused_path_and_matches_module_reference():
     q.act_quant.scale.data = _scale(4, torch.float32)
     q.act_quant.initialized.fill_(True)
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    y, saved = _saved(lambda: q(x))
+    y, saved = saved_tensors(lambda: q(x))
     # the input itself, no quantized copy of it
     big = [t for t in saved if t.numel() >= x.numel()]
-    assert _ptrs(big) == _ptrs([x])
+    assert ptrs(big) == ptrs([x])
     y.sum().backward()
     gx, gs, gw = x.grad, q.act_quant.scale.grad, q.weight.grad
     x.grad = q.act_quant.scale.grad = q.weight.grad = None
@@ -253,14 +254,13 @@ def test_qconv2d_uses_fused_path_and_matches_module_reference():
 # --------------------------------------------------------------------------
 # quant_attention
 # --------------------------------------------------------------------------
-def _ref_attention(q, k, v, mult, qz, kz, vz, pz, bias, mask):
-    def lsq(x, z):
-        if z is None:
-            return x
-        return ref_lsq(x, z[0], z[1], z[2], lsq_grad_factor(
-            x.numel(), z[0].numel(), z[2]))
+def _attention(q, k, v, mult, qz, kz, vz, pz, bias, mask, lsq, log2):
+    """Quantized attention op by op; ``lsq(x, s, qmin, qmax)`` and
+    ``log2(p, s, bits)`` are the fake quantizers to use."""
+    def fq(x, z):
+        return x if z is None else lsq(x, z[0], z[1], z[2])
 
-    attn = lsq(q * mult, qz) @ lsq(k, kz).transpose(-2, -1)
+    attn = fq(q * mult, qz) @ fq(k, kz).transpose(-2, -1)
     if bias is not None:
         attn = attn + bias
     if mask is not None:
@@ -270,11 +270,25 @@ def _ref_attention(q, k, v, mult, qz, kz, vz, pz, bias, mask):
                 mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, m)
     p = attn.softmax(-1)
     if pz is not None and pz[0] == 'log2':
-        p = ref_log2_ste(p, pz[1], pz[2])
+        p = log2(p, pz[1], pz[2])
     elif pz is not None:
-        p = ref_lsq(p, pz[1], pz[2], pz[3],
-                    lsq_grad_factor(p.numel(), pz[1].numel(), pz[3]))
-    return p @ lsq(v, vz)
+        p = lsq(p, pz[1], pz[2], pz[3])
+    return p @ fq(v, vz)
+
+
+def _ref_attention(*args):
+    """Independent reference: LSQ and log2 STE through standard autograd."""
+    def lsq(x, s, qmin, qmax):
+        return ref_lsq(x, s, qmin, qmax,
+                       lsq_grad_factor(x.numel(), s.numel(), qmax))
+
+    return _attention(*args, lsq=lsq, log2=ref_log2_ste)
+
+
+def _plain_attention(*args):
+    """The unfused forward as the attention modules write it."""
+    return _attention(*args, lsq=fake_quantize_lsq,
+                      log2=QF.fake_quantize_log2)
 
 
 def _qkv_scale(gran, shape, dtype):
@@ -385,27 +399,6 @@ def test_quant_attention_matches_reference(chunking, name, gran, soft, swin,
         _close(a, r, dtype, what)
 
 
-def _plain_attention(q, k, v, mult, qz, kz, vz, pz, bias, mask):
-    """The unfused forward as the attention modules write it."""
-    def fq(x, z):
-        return x if z is None else fake_quantize_lsq(x, z[0], z[1], z[2])
-
-    attn = fq(q * mult, qz) @ fq(k, kz).transpose(-2, -1)
-    if bias is not None:
-        attn = attn + bias
-    if mask is not None:
-        b_, h, n, m = attn.shape
-        nw = mask.shape[0]
-        attn = (attn.view(b_ // nw, nw, h, n, m) +
-                mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, m)
-    p = attn.softmax(-1)
-    if pz is not None and pz[0] == 'log2':
-        p = QF.fake_quantize_log2(p, pz[1], pz[2])
-    elif pz is not None:
-        p = fake_quantize_lsq(p, pz[1], pz[2], pz[3])
-    return p @ fq(v, vz)
-
-
 def test_quant_attention_saves_only_qkv_and_scales():
     shape = (4, 2, 10, 8)
     qkv = torch.randn((3, ) + shape, requires_grad=True)
@@ -413,7 +406,7 @@ def test_quant_attention_saves_only_qkv_and_scales():
     ss = [(_scale(10, torch.float32).reshape(10, 1) * 4).requires_grad_()
           for _ in range(3)]
     sp = torch.tensor(1.0)
-    out, saved = _saved(lambda: quant_attention(
+    out, saved = saved_tensors(lambda: quant_attention(
         q, k, v, 0.3, (ss[0], -8, 7), (ss[1], -8, 7), (ss[2], -8, 7),
         ('log2', sp, 4)))
     # nothing of shape [B, h, N, N] and no quantized copies: q, k, v (views
@@ -571,22 +564,6 @@ def test_qlinear_frozen_inference_uses_fused_path():
 
 
 # --------------------------------------------------------------------------
-def _saved(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
-def _ptrs(ts):
-    return sorted((t.data_ptr(), tuple(t.shape)) for t in ts)
-
-
 def test_unpack_int4_float_equals_unpack_int4():
     codes = torch.randint(-8, 8, (5, 37))
     packed = QF.pack_int4(codes)
