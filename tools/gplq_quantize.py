@@ -237,15 +237,14 @@ def quantize(args, cleanup: Cleanup) -> int:
     from mmengine.runner import load_state_dict
 
     import gplq_mm
-    from gplq_mm.engine.input_check import (NonFiniteInputError,
-                                            check_finite_inputs)
+    from gplq_mm.engine.input_check import check_finite_inputs
     from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
                                                 load_checkpoint_file)
     from gplq_mm.models.gplq_model import CheckpointMismatchError, GPLQModel
     from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
                                    override_observers)
     from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
-    from gplq_mm.quant import WeightQuantConfig
+    from gplq_mm.quant import NonFiniteError, WeightQuantConfig
 
     if not osp.isfile(args.config):
         fail(f'config {args.config} does not exist.')
@@ -382,11 +381,7 @@ def quantize(args, cleanup: Cleanup) -> int:
                             use_learned_scale=args.method == 'qat',
                             logger=log,
                             batch_ids=loader.batch_sampler.global_ids)
-    except NonFiniteInputError as e:
-        fail(f'{e} Nothing was written.')
-    except ValueError as e:  # an observer saw NaN/inf inside the model
-        if 'NaN or inf' not in str(e):
-            raise
+    except NonFiniteError as e:  # in the images (named) or inside the model
         fail(f'{e} Nothing was written.')
     kept = [b.name for b in report.blocks if b.kept]
     log(report.table())

@@ -8,8 +8,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from gplq_mm.quant import NonFiniteError
 
-class NonFiniteInputError(ValueError):
+
+class NonFiniteInputError(NonFiniteError):
     """A calibration batch holds NaN or inf values."""
 
 

@@ -3,6 +3,7 @@
 Imports torch only (no mm* package), so it can be used and tested alone.
 """
 from .config import QuantConfig, WeightQuantConfig
+from .errors import NonFiniteError
 from .functional import (choose_qparams, fake_quantize, fake_quantize_log2,
                          fake_quantize_lsq, log2_dequantize, log2_quantize,
                          lsq_linear, pack_int4, quantize, search_weight_scale,
@@ -22,5 +23,5 @@ __all__ = [
     'IntQConv2d', 'fold_and_quantize_weight', 'to_integer', 'MinMaxObserver',
     'PercentileObserver', 'build_observer', 'ActQuantizer', 'QState',
     'WeightQuantizer', 'iter_act_quantizers', 'set_act_state', 'QwTSums',
-    'QwTFit', 'fit_qwt', 'solve_ridge'
+    'QwTFit', 'fit_qwt', 'solve_ridge', 'NonFiniteError'
 ]

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import NonFiniteError
 from .functional import percentile_from_histogram
 
 
@@ -47,7 +48,7 @@ class _Observer:
                 f'was built for {self.num_rows}. Per-token quantizers need a '
                 'fixed token count (same input size / window size as at build).')
         if not bool(torch.isfinite(r).all()):
-            raise ValueError(
+            raise NonFiniteError(
                 f'{self.name}: calibration input contains NaN or inf. Check the '
                 'data pipeline (corrupt images, normalisation with std=0) and '
                 'that the FP32 checkpoint loaded correctly.')

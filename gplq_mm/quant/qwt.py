@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import NonFiniteError
+
 
 # Rows of one float64 pass of QwTSums.update: its scratch (two [rows, C]
 # float64 buffers, kept across updates) stays bounded whatever the batch size.
@@ -98,7 +100,7 @@ class QwTSums:
         # X^T R (r); finite float32 rows cannot overflow float64 here
         if not (bool(torch.isfinite(xx).all()) and
                 bool(torch.isfinite(xr).all()) and bool(torch.isfinite(rr))):
-            raise ValueError('QwT: NaN/inf in block inputs or outputs; check the '
+            raise NonFiniteError('QwT: NaN/inf in block inputs or outputs; check the '
                              'calibration images and the checkpoint.')
         self.xx += xx
         self.xr += xr

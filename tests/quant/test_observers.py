@@ -7,6 +7,7 @@ import torch
 
 from gplq_mm.quant import (MinMaxObserver, PercentileObserver, QuantConfig,
                            build_observer)
+from gplq_mm.quant.errors import NonFiniteError
 from gplq_mm.quant.observers import rows
 
 
@@ -186,9 +187,10 @@ def test_observer_errors(observer):
     obs = build_observer(cfg, 5, name='blk.fc1.act_quant')
     with pytest.raises(RuntimeError, match='no calibration data'):
         obs.bounds()
-    with pytest.raises(ValueError, match='NaN'):
+    # NonFiniteError is a ValueError that callers can catch by type
+    with pytest.raises(NonFiniteError, match='NaN'):
         obs.update(torch.tensor([[1.0, 2.0, float('nan'), 0.0, 0.0]]))
-    with pytest.raises(ValueError, match='NaN or inf'):
+    with pytest.raises(NonFiniteError, match='NaN or inf'):
         obs.update(torch.tensor([[1.0, 2.0, float('inf'), 0.0, 0.0]]))
     with pytest.raises(ValueError, match='built for 5'):
         obs.update(torch.randn(2, 4))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gplq_mm.quant import QwTSums, fit_qwt, solve_ridge
+from gplq_mm.quant import NonFiniteError, QwTSums, fit_qwt, solve_ridge
 
 
 def aug(x):
@@ -178,7 +178,7 @@ def test_zero_samples_and_bad_input_raise():
     s.update(torch.randn(8, 4), torch.randn(8, 2))
     with pytest.raises(ValueError, match='lambda must be >= 0'):
         solve_ridge(s, -1.0)
-    with pytest.raises(ValueError, match='NaN'):
+    with pytest.raises(NonFiniteError, match='NaN'):
         s.update(torch.tensor([[float('nan'), 0, 0, 0]]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match=r'\[\.\.\., 4\]'):
         s.update(torch.randn(2, 8), torch.randn(4, 2))  # 16 = 4 rows of 4

@@ -17,7 +17,7 @@ from gplq_mm.engine.input_check import (NonFiniteInputError,
 from gplq_mm.models.gplq_model import QUANT_KEY, GPLQModel
 from gplq_mm.models.mimic import PCAAccumulator, pool_feature
 from .safe_checkpoint_hook import GPLQSafeCheckpointHook
-from gplq_mm.quant import QConv2d, QLinear, QState
+from gplq_mm.quant import NonFiniteError, QConv2d, QLinear, QState
 
 TEACHER_KEY = 'gplq_teacher'
 
@@ -213,9 +213,7 @@ class GPLQCalibrationHook(Hook):
                 check_finite_inputs(data, where)
                 try:
                     model(**data, mode='tensor')
-                except ValueError as e:  # an observer saw NaN/inf inside
-                    if 'NaN or inf' not in str(e):
-                        raise
+                except NonFiniteError as e:  # an observer saw NaN/inf inside
                     raise NonFiniteInputError(
                         f'{where} (images: '
                         f'{", ".join(batch_image_names(data))}): {e}'
