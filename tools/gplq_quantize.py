@@ -169,11 +169,13 @@ def add_gplq_import(cfg) -> None:
     cfg.custom_imports = ci
 
 
-def calibration_record(loader, num_images: int, seed: int) -> dict:
-    """Indices (and image paths) of the whole calibration subset."""
-    from gplq_mm.ptq.calib import calibration_indices
-    ds = getattr(loader.dataset, 'dataset', loader.dataset)
-    idx = calibration_indices(len(ds), num_images, seed)
+def calibration_record(loader, seed: int) -> dict:
+    """Indices (and image paths) of the whole calibration subset.
+
+    ``loader`` is a :func:`build_calib_loader` loader: its dataset is the
+    seeded ``Subset`` of every rank's images (the ranks split its batches).
+    """
+    ds, idx = loader.dataset.dataset, list(loader.dataset.indices)
     paths = []
     if hasattr(ds, 'get_data_info'):
         paths = [ds.get_data_info(i).get('img_path') for i in idx]
@@ -354,7 +356,7 @@ def quantize(args, cleanup: Cleanup) -> int:
         fail(f'calibration data not found: {e}. Stage 2 reads its images from '
              "the config's train_dataloader; point it at your copy, e.g. "
              '--cfg-options train_dataloader.dataset.data_root=DIR/')
-    calib_record = calibration_record(loader, args.calib_images, args.seed)
+    calib_record = calibration_record(loader, args.seed)
     log(f'calibration set: {args.calib_images} images (seed {args.seed}, '
         f'{args.calib_pipeline} pipeline), {len(loader)} batches on rank '
         f'{get_rank()}; indices {calib_record["indices"][:8]}'
