@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gplq_mm.quant import ActQuantizer, QState, QuantConfig
-from gplq_mm.quant.functional import quant_attention
+from gplq_mm.quant.kernels import quant_attention
 
 # Use the fused, recomputing attention core whenever it applies (set to False
 # to run the plain op-by-op forward, e.g. to compare the two).

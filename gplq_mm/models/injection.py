@@ -18,7 +18,7 @@ import dataclasses
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 from torch import nn
 
@@ -174,12 +174,6 @@ def _attention_tokens(kind: str, backbone: nn.Module, attn: nn.Module) -> int:
     return pr[0] * pr[1] + backbone.num_extra_tokens
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition('.')
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
     """Insert quantizers into ``model`` (a built mmdet detector or mmpretrain
     classifier) in place.  Parameters are shared, not copied."""
@@ -233,7 +227,7 @@ def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
             continue
         if isinstance(m, nn.Linear):
             new = QLinear.from_float(m, cfg.act, cfg.weight, name)
-            _set_submodule(model, name, new)
+            model.set_submodule(name, new)
             records.append(InjectionRecord(name, 'Linear', _desc_lin(
                 cfg.act, cfg.weight)))
         elif isinstance(m, nn.Conv2d):
@@ -241,7 +235,7 @@ def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
                 first_conv = name
             act = first_cfg if name == first_conv else cfg.act
             new = QConv2d.from_float(m, act, cfg.weight, name)
-            _set_submodule(model, name, new)
+            model.set_submodule(name, new)
             records.append(InjectionRecord(name, 'Conv2d', _desc_lin(
                 new.act_quant.cfg, cfg.weight)))
         elif isinstance(m, nn.modules.conv._ConvNd):
@@ -270,9 +264,3 @@ def _desc(cfg: Optional[QuantConfig]) -> str:
 def _desc_lin(act: QuantConfig, weight: Optional[WeightQuantConfig]) -> str:
     w = 'W32' if weight is None else f'W{weight.bits} per-out-channel'
     return f'{w}, input {act.describe()}'
-
-
-def iter_named(model: nn.Module, types: Sequence[type]):
-    for name, m in model.named_modules():
-        if isinstance(m, tuple(types)):
-            yield name, m

@@ -69,12 +69,12 @@ def attach_qwt(block: nn.Module, weight: Optional[torch.Tensor] = None,
     return block
 
 
-def block_dim(block: nn.Module) -> int:
-    """Channel count of a block's input/output (its first LayerNorm)."""
+def block_width(block: nn.Module) -> Optional[int]:
+    """Channels of a block's input/output (its first LayerNorm), if any."""
     for m in block.modules():
         if isinstance(m, nn.LayerNorm):
-            return m.normalized_shape[0]
-    raise ValueError(f'cannot infer the width of {type(block).__name__}')
+            return int(m.normalized_shape[-1])
+    return None
 
 
 def convert_layer(model: nn.Module, name: str, w_cfg: WeightQuantConfig,
@@ -82,9 +82,7 @@ def convert_layer(model: nn.Module, name: str, w_cfg: WeightQuantConfig,
     """Replace the QLinear/QConv2d ``name`` of ``model`` by its integer form."""
     mod = model.get_submodule(name)
     new = to_integer(mod, w_cfg, name, use_learned_scale=use_learned_scale)
-    parent_name, _, child = name.rpartition('.')
-    setattr(model.get_submodule(parent_name) if parent_name else model, child,
-            new)
+    model.set_submodule(name, new)
     return new
 
 
@@ -114,13 +112,15 @@ def build_w4a4_structure(gplq_model: nn.Module, w_bits: int = 4,
                              name)
         else:
             new = IntQConv2d(mod, mod.act_quant.cfg, w_bits, name)
-        parent_name, _, child = name.rpartition('.')
-        setattr(model.get_submodule(parent_name) if parent_name else model,
-                child, new.to(mod.weight.device))
+        model.set_submodule(name, new.to(mod.weight.device))
     blocks = dict(transformer_blocks(model))
     for name in qwt_blocks:
         if name not in blocks:
             raise ValueError(f'w4a4.qwt_blocks names {name!r}, which is not a '
                              'transformer block of this model; the W4A4 config '
                              'and the model architecture disagree.')
-        attach_qwt(blocks[name], dim=block_dim(blocks[name]))
+        dim = block_width(blocks[name])
+        if dim is None:
+            raise ValueError('cannot infer the width of '
+                             f'{type(blocks[name]).__name__}')
+        attach_qwt(blocks[name], dim=dim)

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from gplq_mm.quant import (IntQConv2d, IntQLinear, QState, QwTSums,
-                           WeightQuantConfig, fit_qwt)
+                           WeightQuantConfig, fit_qwt, set_act_state)
 from gplq_mm.quant.qwt import QwTScratch
-from .convert import (attach_qwt, convert_layer, float_layers,
+from .convert import (attach_qwt, block_width, convert_layer, float_layers,
                       transformer_blocks)
 
 
@@ -160,14 +160,6 @@ def release_heap() -> bool:
     return True
 
 
-def _block_width(block: nn.Module) -> Optional[int]:
-    """Channels of a block's input/output (its first LayerNorm), if any."""
-    for m in block.modules():
-        if isinstance(m, nn.LayerNorm):
-            return int(m.normalized_shape[-1])
-    return None
-
-
 def _storages(objs) -> set:
     out = set()
     for o in objs:
@@ -213,9 +205,7 @@ def weight_ptq(model: nn.Module,
     log = logger or (lambda msg: None)
     t0 = time.time()
     report = PTQReport()
-    for m in model.modules():
-        if hasattr(m, 'set_state') and hasattr(m, 'observer'):
-            m.set_state(QState.FROZEN)
+    set_act_state(model, QState.FROZEN)
     model.eval()
     convert_outside_blocks(model, w_cfg, report, use_learned_scale)
     log(f'converted {len(report.layers)} layers outside transformer blocks')
@@ -234,7 +224,7 @@ def weight_ptq(model: nn.Module,
                                              _rel_error(new, w)))
         if not qwt:
             continue
-        width = _block_width(block)
+        width = block_width(block)
         sums = None if width is None else \
             [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
         release_heap()  # the previous block's garbage and conversion temps

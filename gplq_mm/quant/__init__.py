@@ -1,4 +1,5 @@
-"""Quantization core: pure functions, observers, thin modules, QwT.
+"""Quantization core: primitives (functional), fused kernels, int4 packing,
+observers, thin modules, QwT.
 
 Imports torch only (no mm* package), so it can be used and tested alone.
 """
@@ -6,22 +7,26 @@ from .config import QuantConfig, WeightQuantConfig
 from .errors import NonFiniteError
 from .functional import (choose_qparams, fake_quantize, fake_quantize_log2,
                          fake_quantize_lsq, log2_dequantize, log2_quantize,
-                         lsq_linear, pack_int4, quantize, search_weight_scale,
-                         unpack_int4)
+                         quantize, search_weight_scale)
+from .int4 import pack_int4, unpack_int4
+from .kernels import lsq_conv2d, lsq_linear, quant_attention
 from .modules import (IntQConv2d, IntQLinear, QConv2d, QLinear,
                       fold_and_quantize_weight, to_integer)
 from .observers import MinMaxObserver, PercentileObserver, build_observer
 from .quantizer import (ActQuantizer, QState, WeightQuantizer,
-                        iter_act_quantizers, set_act_state)
+                        all_act_calibrated, iter_act_quantizers,
+                        iter_weight_quantizers, set_act_state)
 from .qwt import QwTFit, QwTSums, fit_qwt, solve_ridge
 
 __all__ = [
     'QuantConfig', 'WeightQuantConfig', 'choose_qparams', 'fake_quantize',
     'fake_quantize_lsq', 'fake_quantize_log2', 'log2_quantize',
-    'log2_dequantize', 'lsq_linear', 'quantize', 'search_weight_scale',
+    'log2_dequantize', 'lsq_linear', 'lsq_conv2d', 'quant_attention',
+    'quantize', 'search_weight_scale',
     'pack_int4', 'unpack_int4', 'QLinear', 'QConv2d', 'IntQLinear',
     'IntQConv2d', 'fold_and_quantize_weight', 'to_integer', 'MinMaxObserver',
     'PercentileObserver', 'build_observer', 'ActQuantizer', 'QState',
-    'WeightQuantizer', 'iter_act_quantizers', 'set_act_state', 'QwTSums',
+    'WeightQuantizer', 'iter_act_quantizers', 'iter_weight_quantizers',
+    'all_act_calibrated', 'set_act_state', 'QwTSums',
     'QwTFit', 'fit_qwt', 'solve_ridge', 'NonFiniteError'
 ]

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as QF
+from .int4 import pack_int4, unpack_int4_float
+from .kernels import lsq_conv2d, lsq_linear
 from .config import QuantConfig, WeightQuantConfig
 from .quantizer import ActQuantizer, QState, WeightQuantizer
 
@@ -78,7 +80,7 @@ class QLinear(nn.Linear):
                 and aq.cfg.kind == 'uniform':
             aq.check_ready(x)
             s = aq.effective_scale(1)  # [C] or scalar: broadcasts on last axis
-            return QF.lsq_linear(x, s, w, self.bias, aq.cfg.qmin, aq.cfg.qmax)
+            return lsq_linear(x, s, w, self.bias, aq.cfg.qmin, aq.cfg.qmax)
         if aq is not None:
             x = aq(x)
         return F.linear(x, w, self.bias)
@@ -139,7 +141,7 @@ class QConv2d(nn.Conv2d):
                 and not isinstance(self.padding, str) and x.ndim == 4:
             aq.check_ready(x)
             s = aq.effective_scale(2)  # [C] (axis 1 of a 2-D view) or scalar
-            return QF.lsq_conv2d(x, s, w, self.bias, self.stride, self.padding,
+            return lsq_conv2d(x, s, w, self.bias, self.stride, self.padding,
                                  self.dilation, self.groups, aq.cfg.qmin,
                                  aq.cfg.qmax)
         if aq is not None:
@@ -230,7 +232,7 @@ class _IntWeightMixin:
     def set_weight_codes(self, codes: Tensor, scale: Tensor) -> None:
         flat = codes.reshape(codes.shape[0], -1)
         if self.w_bits <= 4:
-            self.weight_packed.copy_(QF.pack_int4(flat))
+            self.weight_packed.copy_(pack_int4(flat))
         else:
             self.weight_packed.copy_(flat.round().to(torch.int8))
         self.weight_scale.copy_(scale.reshape(-1))
@@ -238,7 +240,7 @@ class _IntWeightMixin:
     def weight_codes(self) -> Tensor:
         flat = int(torch.Size(self.weight_shape[1:]).numel())
         if self.w_bits <= 4:
-            c = QF.unpack_int4_float(self.weight_packed, flat)
+            c = unpack_int4_float(self.weight_packed, flat)
         else:
             c = self.weight_packed.float()
         return c.reshape(self.weight_shape)

@@ -5,14 +5,55 @@ a token position, or the whole tensor).  Under ``torch.distributed`` call
 :meth:`sync` once after the last batch: statistics are all-reduced so every
 rank ends with the statistics of the union of all ranks' data.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .errors import NonFiniteError
-from .functional import percentile_from_histogram
+
+
+def percentile_from_histogram(hist: Tensor, edges_lo: Tensor, width: Tensor,
+                              q: Sequence[float]) -> Tuple[Tensor, ...]:
+    """Percentiles (numpy 'linear', within one bin width) from per-row histograms.
+
+    As ``numpy.percentile``: the value at fractional rank ``h = (n-1) p/100``
+    interpolated between the order statistics of rank ``floor(h)`` and
+    ``floor(h)+1``.  Each order statistic is located in its bin (estimated
+    inside that bin), so each is off by less than one bin width, and so is the
+    interpolation of the two, even across empty bins (outliers).
+
+    Args:
+        hist: ``[C, B]`` counts.
+        edges_lo: ``[C]`` lower edge of bin 0 for each row.
+        width: ``[C]`` bin width for each row.
+        q: Percentiles in [0, 100].
+    """
+    hist = hist.double()
+    edges_lo, width = edges_lo.double(), width.double()
+    nbins = hist.shape[1]
+    cdf = hist.cumsum(dim=1)
+    last = (cdf[:, -1:] - 1).clamp_min(0)  # rank of the largest value
+
+    def order_stat(k: Tensor) -> Tensor:
+        # bin of the value of rank k (0-based): first bin with cdf > k
+        idx = torch.searchsorted(cdf, k, right=True).clamp(max=nbins - 1)
+        prev = torch.where(idx > 0, cdf.gather(1, (idx - 1).clamp_min(0)),
+                           torch.zeros_like(k))
+        cnt = hist.gather(1, idx).clamp_min(1)
+        # the values of a bin are spread evenly over it
+        frac = ((k - prev + 0.5) / cnt).clamp(0, 1)
+        return edges_lo + (idx[:, 0].double() + frac[:, 0]) * width
+
+    outs = []
+    for p in q:
+        h = last * (p / 100.0)
+        k0 = torch.floor(h)
+        k1 = torch.minimum(k0 + 1, last)
+        v0 = order_stat(k0)
+        outs.append(v0 + (h - k0)[:, 0] * (order_stat(k1) - v0))
+    return tuple(outs)
 
 
 def rows(x: Tensor, axis: Optional[int]) -> Tensor:

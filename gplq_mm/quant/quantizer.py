@@ -1,7 +1,6 @@
-"""Thin nn.Modules that hold quantizer state and call :mod:`.functional`."""
+"""Thin nn.Modules that hold quantizer state and call :mod:`.functional`,
+and the helpers that find them in a model."""
 from enum import Enum
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -177,6 +176,14 @@ def iter_act_quantizers(module: nn.Module):
             yield name, m
 
 
+def iter_weight_quantizers(module: nn.Module):
+    """Yield ``(name, quantizer)`` for every :class:`WeightQuantizer` in
+    ``module``."""
+    for name, m in module.named_modules():
+        if isinstance(m, WeightQuantizer):
+            yield name, m
+
+
 def set_act_state(module: nn.Module, state) -> int:
     """Set the state of every activation quantizer in ``module``; returns count."""
     n = 0
@@ -186,5 +193,7 @@ def set_act_state(module: nn.Module, state) -> int:
     return n
 
 
-def act_quantizer_ready(q: Optional[ActQuantizer]) -> bool:
-    return q is not None and q.state in (QState.LEARNING, QState.FROZEN)
+def all_act_calibrated(module: nn.Module) -> bool:
+    """Whether every activation quantizer in ``module`` has a scale
+    (calibrated or loaded from a checkpoint)."""
+    return all(bool(q.initialized) for _, q in iter_act_quantizers(module))

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from gplq_mm.quant import functional as QF
+from gplq_mm.quant import int4 as QI
+from gplq_mm.quant import kernels as QK
+from gplq_mm.quant import workspace as QW
 from gplq_mm.quant import (QConv2d, QLinear, QuantConfig, fake_quantize_lsq,
                            log2_dequantize, log2_quantize, lsq_linear)
-from gplq_mm.quant.functional import (lsq_conv2d, lsq_grad_factor,
-                                      quant_attention, scale_view)
+from gplq_mm.quant.functional import lsq_grad_factor, scale_view
+from gplq_mm.quant.kernels import lsq_conv2d, quant_attention
 from saved_tensors import ptrs, saved_tensors
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -77,8 +80,8 @@ def chunking(request, monkeypatch):
     """Run a test with the default chunk sizes and with tiny ones (many
     chunks, uneven last chunk), and with the scratch workspace on."""
     if request.param == 'chunked':
-        monkeypatch.setattr(QF, 'LINEAR_CHUNK_ELEMS', 37)
-        monkeypatch.setattr(QF, 'ATTN_CHUNK_ELEMS', 200)
+        monkeypatch.setattr(QK, 'LINEAR_CHUNK_ELEMS', 37)
+        monkeypatch.setattr(QK, 'ATTN_CHUNK_ELEMS', 200)
     return request.param
 
 
@@ -465,14 +468,14 @@ def test_workspace_off_gives_identical_results(monkeypatch):
         o.pow(2).sum().backward()
         return [o.detach(), x.grad, s.grad, w.grad, st.grad]
 
-    monkeypatch.setattr(QF, 'LINEAR_CHUNK_ELEMS', 50)
-    monkeypatch.setattr(QF, 'ATTN_CHUNK_ELEMS', 900)
+    monkeypatch.setattr(QK, 'LINEAR_CHUNK_ELEMS', 50)
+    monkeypatch.setattr(QK, 'ATTN_CHUNK_ELEMS', 900)
     with_ws = run()
-    monkeypatch.setattr(QF, 'WORKSPACE', False)
+    monkeypatch.setattr(QW, 'WORKSPACE', False)
     without = run()
     for a, b in zip(with_ws, without):
         assert torch.equal(a, b)
-    QF.clear_workspace()
+    QW.clear_workspace()
 
 
 # --------------------------------------------------------------------------
@@ -535,8 +538,8 @@ def test_attention_modules_fused_equals_op_by_op(which, monkeypatch):
                                      if p.grad is not None}
 
     calls = []
-    orig = QF._QuantAttention.apply
-    monkeypatch.setattr(QF._QuantAttention, 'apply',
+    orig = QK._QuantAttention.apply
+    monkeypatch.setattr(QK._QuantAttention, 'apply',
                         lambda *a: calls.append(1) or orig(*a))
     y1, gx1, g1 = run(True)
     assert calls, 'the fused attention path did not run'
@@ -566,12 +569,12 @@ def test_qlinear_frozen_inference_uses_fused_path():
 # --------------------------------------------------------------------------
 def test_unpack_int4_float_equals_unpack_int4():
     codes = torch.randint(-8, 8, (5, 37))
-    packed = QF.pack_int4(codes)
+    packed = QI.pack_int4(codes)
     for length in (37, 36, 0):
-        ref = QF.unpack_int4(packed, length).float()
-        assert torch.equal(QF.unpack_int4_float(packed, length), ref)
+        ref = QI.unpack_int4(packed, length).float()
+        assert torch.equal(QI.unpack_int4_float(packed, length), ref)
     with pytest.raises(ValueError):
-        QF.unpack_int4_float(packed, 39)
+        QI.unpack_int4_float(packed, 39)
 
 
 def test_quantize_in_place_path_is_bitwise_and_keeps_autograd():
