@@ -94,10 +94,8 @@ def save_fp32_checkpoint(cfg: Config, path: str, seed: int = 0) -> Dict:
 def act_quantizers(model):
     """``(name, quantizer)`` of every activation quantizer, names relative to
     the GPLQModel (``model.backbone....``, as in its state dict)."""
-    from gplq_mm.quant import ActQuantizer
-    model = getattr(model, 'module', model)
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, ActQuantizer)]
+    from gplq_mm.quant import iter_act_quantizers
+    return list(iter_act_quantizers(getattr(model, 'module', model)))
 
 
 def act_scales(model) -> Dict[str, torch.Tensor]:
@@ -132,10 +130,11 @@ class Recorder(Hook):
         return getattr(runner.model, 'module', runner.model)
 
     def before_train(self, runner) -> None:
+        from gplq_mm.quant import iter_act_quantizers
         model = self._model(runner)
         self.calibrated = act_scales(model)
         self.initialized = {n: bool(m.initialized)
-                            for n, m in model.act_quantizers()}
+                            for n, m in iter_act_quantizers(model.model)}
         self.loaded_state = {k: v.detach().clone()
                              for k, v in model.state_dict().items()}
         self.scale_params = {n: (id(m.scale), m.scale.requires_grad)

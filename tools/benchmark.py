@@ -326,28 +326,18 @@ class ModelFactory:
             model(self.inputs, self.samples, mode='tensor')
 
     def calibrate(self, model):
-        """What GPLQCalibrationHook does, on the benchmark batch."""
-        import torch
-        from gplq_mm.quant import QConv2d, QLinear, QState
+        """What GPLQCalibrationHook does (the library's ActCalibration), on
+        the benchmark batch."""
+        from gplq_mm.ptq.calib import ActCalibration
         model.eval()
-        model.set_quant_state(QState.CALIBRATING)
-        with torch.no_grad():
-            self._forward_tensor(model)
-        for _, q in model.act_quantizers():
-            q.finish_calibration()
-        model.set_quant_state(QState.LEARNING)
-        with torch.no_grad():
-            for m in model.model.modules():
-                if isinstance(m, (QLinear, QConv2d)) and \
-                        m.weight_quant is not None:
-                    m.weight_quant.initialized.fill_(False)
-                    m.quantized_weight()  # searches the folded weight's scale
+        ActCalibration(model.model, search_weights=True).run(
+            [None], lambda _: self._forward_tensor(model))
 
     def attach_teacher(self, model):
         """Frozen FP32 copy + a PCA basis of the paper's size (k ~ C/3)."""
         import torch
-        from gplq_mm.engine.hooks.calibration_hook import make_teacher
-        from gplq_mm.models.mimic import pool_feature
+        from gplq_mm.models.mimic import (capture_output, make_teacher,
+                                          pool_feature)
         teacher = make_teacher(model)
         teacher.eval()
         with torch.no_grad():
@@ -355,7 +345,7 @@ class ModelFactory:
                 feat = pool_feature(teacher.backbone(self.inputs))
             else:
                 store = {}
-                h = model._capture(model.feature_module(teacher), store, 't')
+                h = capture_output(model.feature_module(teacher), store, 't')
                 teacher.extract_feat(self.inputs)
                 h.remove()
                 feat = pool_feature(store['t'])
@@ -390,11 +380,11 @@ class ModelFactory:
 
     def infer_variants(self, train: dict) -> dict:
         """Inference variants, reusing the trained models where possible."""
-        from gplq_mm.quant import QState
+        from gplq_mm.quant import QState, set_act_state
         out = {'fp32': train['fp32']}
         for name, src in (('w32a4', 'actqat'), ('w4a4_fake', 'w4a4_qat')):
             v = train[src]
-            v.owner.set_quant_state(QState.FROZEN)
+            set_act_state(v.owner, QState.FROZEN)
             out[name] = v
         out['w4a4_int'] = self.integer_variant(train['actqat'].owner)
         return out
@@ -494,7 +484,7 @@ def fork_server(spec: dict) -> dict:
     from mmengine.hub import get_config  # noqa: F401
     import gplq_mm  # noqa: F401
     from gplq_mm.ptq.weight_ptq import weight_ptq  # noqa: F401
-    from gplq_mm.engine.hooks.calibration_hook import make_teacher  # noqa
+    from gplq_mm.models.mimic import make_teacher  # noqa
     out = {}
     for job in spec['jobs']:
         job = dict(job, threads=spec['threads'])
@@ -552,8 +542,9 @@ def qwt_worker(spec: dict, base0: float) -> dict:
     from mmengine.hub import get_config
     from mmengine.registry import MODELS, DefaultScope
     import gplq_mm  # noqa: F401
+    from gplq_mm.ptq.calib import calibrate_activations
     from gplq_mm.ptq.weight_ptq import weight_ptq
-    from gplq_mm.quant import QState, WeightQuantConfig
+    from gplq_mm.quant import WeightQuantConfig
     cfg = get_config(QWT_MODEL['cfg'])
     mc = copy.deepcopy(cfg.model)
     mc.data_preprocessor = copy.deepcopy(cfg.data_preprocessor)
@@ -573,12 +564,8 @@ def qwt_worker(spec: dict, base0: float) -> dict:
         for _ in range(max(1, n // bs)):
             yield torch.randn(bs, 3, img, img, generator=g)
 
-    model.set_quant_state(QState.CALIBRATING)
-    with torch.no_grad():
-        model(next(iter(batches())), mode='tensor')
-    for _, q in model.act_quantizers():
-        q.finish_calibration()
-    model.set_quant_state(QState.FROZEN)
+    calibrate_activations(model, [next(iter(batches()))],
+                          lambda b: model(b, mode='tensor'))
     state = rss_mb() - base0
     rep = {}
 

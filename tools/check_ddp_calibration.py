@@ -101,6 +101,8 @@ def run(args) -> int:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
+    from gplq_mm.quant import iter_act_quantizers
+
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -125,7 +127,7 @@ def run(args) -> int:
 
     def scales():
         return {n: q.scale.detach().cpu().clone()
-                for n, q in model.act_quantizers()}
+                for n, q in iter_act_quantizers(model.model)}
 
     class AfterCalibration(Hook):
 
@@ -134,7 +136,7 @@ def run(args) -> int:
             handle.remove()
             record['scales'] = scales()
             record['initialized'] = all(
-                bool(q.initialized) for _, q in model.act_quantizers())
+                bool(q.initialized) for _, q in iter_act_quantizers(model.model))
             record['pca'] = None if model.pca is None else tuple(
                 t.detach().cpu().clone() for t in model.pca)
             record['images_per_rank'] = all_gather_object(list(seen))

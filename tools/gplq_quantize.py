@@ -242,11 +242,14 @@ def quantize(args, cleanup: Cleanup) -> int:
     from gplq_mm.engine.input_check import check_finite_inputs
     from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
                                                 load_checkpoint_file)
-    from gplq_mm.models.gplq_model import CheckpointMismatchError, GPLQModel
+    from gplq_mm.models.checkpoint_keys import (CheckpointMismatchError,
+                                                has_quant_state)
+    from gplq_mm.models.gplq_model import GPLQModel
     from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
                                    override_observers)
     from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
-    from gplq_mm.quant import NonFiniteError, WeightQuantConfig
+    from gplq_mm.quant import (NonFiniteError, WeightQuantConfig,
+                               iter_weight_quantizers)
 
     if not osp.isfile(args.config):
         fail(f'config {args.config} does not exist.')
@@ -340,10 +343,10 @@ def quantize(args, cleanup: Cleanup) -> int:
         fail(f'{args.checkpoint} has no activation scales (an FP32 '
              'checkpoint?). Run stage 1 (Act-QAT) first, or use --method repq '
              'for the PTQ baseline.')
-    if args.method == 'repq' and model._ckpt_has_quant:
+    if args.method == 'repq' and has_quant_state(sd):
         log('--method repq: the checkpoint already has activation scales; '
             'they are recalibrated from scratch (PTQ baseline).')
-    if args.method == 'qat' and not any(True for _ in model.weight_quantizers()):
+    if args.method == 'qat' and not any(True for _ in iter_weight_quantizers(model)):
         fail('--method qat needs a checkpoint trained with quant.weight '
              '(direct W4A4 QAT); this config has no weight quantizers.')
 

@@ -13,8 +13,7 @@ Checkpoint keys are the wrapped model's keys under ``model.``; a plain FP32
 checkpoint of the wrapped model (keys without ``model.``) loads too, with its
 quantizer entries missing, to be calibrated by ``GPLQCalibrationHook``.
 """
-import re
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 from mmengine.config import ConfigDict
@@ -23,22 +22,14 @@ from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 from torch import nn
 
-from gplq_mm.quant import ActQuantizer, QState, WeightQuantizer
+from gplq_mm.quant import all_act_calibrated
+from .checkpoint_keys import (QUANT_KEY, CheckpointMismatchError,
+                              check_loaded_keys, remap_plain_keys,
+                              shape_mismatches)
 from .injection import InjectConfig, inject
-from .mimic import MimicConfig, mimic_loss, pool_feature
+from .mimic import MimicConfig, capture_output, mimic_loss, pool_feature
 
-# Keys of quantizer state: missing ones mean "not calibrated / not loaded".
-QUANT_KEY = re.compile(r'(^|\.)(act|q|k|v|attn|weight)_quant\.')
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the quantized model built from the config."""
-
-
-def _preview(keys: List[str], n: int = 8) -> str:
-    more = f' ... (+{len(keys) - n} more)' if len(keys) > n else ''
-    return ', '.join(keys[:n]) + more
-
+__all__ = ['GPLQModel', 'QUANT_KEY', 'CheckpointMismatchError']
 
 @MODELS.register_module()
 class GPLQModel(BaseModel):
@@ -111,22 +102,9 @@ class GPLQModel(BaseModel):
         self.register_load_state_dict_post_hook(self._check_keys)
 
     # -- quantizers ----------------------------------------------------------
-    def act_quantizers(self):
-        for name, m in self.model.named_modules():
-            if isinstance(m, ActQuantizer):
-                yield name, m
-
-    def weight_quantizers(self):
-        for name, m in self.model.named_modules():
-            if isinstance(m, WeightQuantizer):
-                yield name, m
-
-    def set_quant_state(self, state: Union[str, QState]) -> None:
-        for _, q in self.act_quantizers():
-            q.set_state(state)
-
     def all_calibrated(self) -> bool:
-        return all(bool(q.initialized) for _, q in self.act_quantizers())
+        """Whether every activation quantizer has a scale."""
+        return all_act_calibrated(self.model)
 
     # -- teacher / mimic -----------------------------------------------------
     @property
@@ -154,13 +132,9 @@ class GPLQModel(BaseModel):
         self.__dict__['teacher'] = teacher
         self.__dict__['pca'] = (mean.to(dev), components.to(dev))
 
-    def _capture(self, module: nn.Module, store: dict, key: str):
-        return module.register_forward_hook(
-            lambda m, i, o: store.__setitem__(key, o))
-
     def teacher_features(self, inputs: torch.Tensor) -> torch.Tensor:
         store = {}
-        h = self._capture(self.feature_module(self.teacher), store, 't')
+        h = capture_output(self.feature_module(self.teacher), store, 't')
         try:
             with torch.no_grad():
                 self.teacher.extract_feat(inputs)
@@ -179,7 +153,7 @@ class GPLQModel(BaseModel):
                 'GPLQCalibrationHook to custom_hooks (it builds them in '
                 'before_train), or set mimic=dict(enabled=False).')
         store = {}
-        h = self._capture(self.feature_module(), store, 's')
+        h = capture_output(self.feature_module(), store, 's')
         try:
             losses = self.model(inputs, data_samples, 'loss')
         finally:
@@ -197,63 +171,14 @@ class GPLQModel(BaseModel):
             self.teacher.eval()
         return self
 
-    # -- checkpoint loading --------------------------------------------------
+    # -- checkpoint loading (policy: checkpoint_keys.py) -------------------
     def _remap_fp32_keys(self, state_dict: Dict, prefix: str, *args) -> None:
         """Accept checkpoints of the plain model (keys without ``model.``)."""
-        keys = [k for k in state_dict if k.startswith(prefix)]
-        self._ckpt_has_quant = any(QUANT_KEY.search(k) for k in keys)
-        inner = prefix + 'model.'
-        if keys and not any(k.startswith(inner) for k in keys):
-            for k in keys:
-                state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
-        # torch reports shape mismatches only as error messages, which
-        # mmengine's strict=False loading merely logs: record them here
-        own = self.state_dict(prefix=prefix, keep_vars=True)
-        self._shape_mismatch = [
-            f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-            for k, v in state_dict.items()
-            if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+        self._ckpt_has_quant = remap_plain_keys(state_dict, prefix)
+        self._shape_mismatch = shape_mismatches(
+            state_dict, self.state_dict(prefix=prefix, keep_vars=True))
 
     def _check_keys(self, module: nn.Module, incompatible) -> None:
-        if not self.strict_load:
-            return
-        missing = [k for k in incompatible.missing_keys
-                   if not k.endswith('num_batches_tracked')]
-        unexpected = list(incompatible.unexpected_keys)
-        q_missing = [k for k in missing if QUANT_KEY.search(k)]
-        w_missing = [k for k in missing if not QUANT_KEY.search(k)]
-        problems = []
-        if self._shape_mismatch:
-            problems.append('shape mismatch (checkpoint vs model): '
-                            f'{_preview(self._shape_mismatch)}')
-        if w_missing:
-            problems.append(f'missing model keys: {_preview(w_missing)}')
-        if unexpected:
-            problems.append(f'unexpected keys: {_preview(unexpected)}')
-        if q_missing and self._ckpt_has_quant:
-            problems.append('the checkpoint has quantizer state but not for: '
-                            f'{_preview(q_missing)}')
-        if problems:
-            hint = ('A W4A4 checkpoint needs the *_w4a4.py config written '
-                    'next to it by tools/gplq_quantize.py; a W32A4 '
-                    'checkpoint needs the stage-1 config it was trained with; '
-                    'an FP32 checkpoint must be of the same architecture.')
-            if any('weight_packed' in k for k in unexpected + missing):
-                hint = ('Integer (W4A4) and float (W32A4/FP32) checkpoints '
-                        'differ: ' + hint)
-            raise CheckpointMismatchError(
-                'Checkpoint does not match the GPLQ model built from the '
-                'config: ' + '; '.join(problems) + '. ' + hint +
-                ' (set model.strict_load=False only if you have checked these '
-                'keys yourself).')
-        if q_missing:
-            # FP32 checkpoint (stage-1 start): scales come from calibration.
-            print_log(
-                f'GPLQ: loaded a checkpoint without quantizer state; '
-                f'{len(q_missing)} quantizer entries keep their defaults '
-                'until GPLQCalibrationHook calibrates them in before_train. '
-                'Evaluating this model without calibration is an error.',
-                logger='current')
-            # handled here: keep mmengine from listing every scale as missing
-            for k in q_missing:
-                incompatible.missing_keys.remove(k)
+        if self.strict_load:
+            check_loaded_keys(incompatible, self._ckpt_has_quant,
+                              self._shape_mismatch)

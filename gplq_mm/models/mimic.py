@@ -8,12 +8,15 @@ batch.  ``k`` is the smallest count explaining ``var_ratio`` of the variance,
 rounded up to a multiple of ``multiple`` (Swin-T: 768 -> 256, DeiT-T: 192 ->
 64 in the paper).
 """
+import copy
 from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+from gplq_mm.quant import QConv2d, QLinear, QState, set_act_state
 
 
 @dataclass
@@ -109,6 +112,24 @@ def select_k(evals_desc: Tensor, var_ratio: float, multiple: int) -> int:
     k = int(torch.searchsorted(cum, torch.tensor(var_ratio, dtype=cum.dtype))) + 1
     k = -(-k // multiple) * multiple
     return max(1, min(k, c))
+
+
+def capture_output(module: nn.Module, store: dict, key: str):
+    """Forward hook storing ``module``'s output as ``store[key]``; returns
+    the handle (``.remove()`` it)."""
+    return module.register_forward_hook(
+        lambda m, i, o: store.__setitem__(key, o))
+
+
+def make_teacher(model: nn.Module) -> nn.Module:
+    """Frozen FP32 copy of the model wrapped by ``model`` (a GPLQModel):
+    quantizers off, weights float."""
+    teacher = copy.deepcopy(model.model)
+    set_act_state(teacher, QState.OFF)
+    for m in teacher.modules():
+        if isinstance(m, (QLinear, QConv2d)):
+            m.weight_quant = None
+    return teacher
 
 
 def mimic_loss(f_student: Tensor, f_teacher: Tensor, mean: Tensor,

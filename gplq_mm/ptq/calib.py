@@ -1,15 +1,26 @@
-"""Calibration data for stage 2 and activation PTQ (RepQ-ViT-style baseline)."""
+"""Activation calibration, written once, and its data.
+
+:class:`ActCalibration` is the one calibration procedure of the library: the
+stage-1 hook (``GPLQCalibrationHook``), stage 2's RepQ-ViT-style baseline
+(``gplq_quantize.py --method repq``, via :func:`calibrate_activations`) and
+``tools/benchmark.py`` all run it.  It works on any module holding quantizers
+(the :mod:`gplq_mm.quant` helpers find them), not on ``GPLQModel``.
+:func:`build_calib_loader` draws stage 2's seeded calibration subset.
+"""
 import copy
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import torch
 from mmengine.dist import get_dist_info
 from mmengine.registry import DATASETS, FUNCTIONS
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from gplq_mm.quant import QState, QuantConfig
+from gplq_mm.quant import (QConv2d, QLinear, QState, QuantConfig,
+                           iter_act_quantizers, iter_weight_quantizers,
+                           set_act_state)
 
 
 def _innermost(ds_cfg):
@@ -105,29 +116,91 @@ def build_calib_loader(cfg, num_images: int, batch_size: int, seed: int,
                       num_workers=0, collate_fn=collate_fn)
 
 
-def override_observers(gplq_model, observer: str,
+def override_observers(model: nn.Module, observer: str,
                        percentile=(0.1, 99.9)) -> None:
     """Set the calibration observer of every uniform activation quantizer."""
-    for _, q in gplq_model.act_quantizers():
+    for _, q in iter_act_quantizers(model):
         if q.cfg.kind == 'uniform':
             q.cfg = QuantConfig(**{**q.cfg.to_dict(), 'observer': observer,
                                    'percentile': tuple(percentile)})
 
 
-@torch.no_grad()
-def calibrate_activations(gplq_model, loader, run: Callable,
-                          log: Optional[Callable[[str], None]] = None) -> int:
-    """PTQ calibration of every activation quantizer (FP32 upstream)."""
-    log = log or (lambda m: None)
-    gplq_model.eval()
-    gplq_model.set_quant_state(QState.CALIBRATING)
-    t0, n = time.time(), 0
-    for i, batch in enumerate(loader):
-        run(batch)
-        n = i + 1
-        log(f'activation calibration: batch {n}/{len(loader)} '
-            f'({time.time() - t0:.1f}s)')
-    for _, q in gplq_model.act_quantizers():
-        q.finish_calibration()
-    gplq_model.set_quant_state(QState.FROZEN)
+def search_folded_weight_scales(model: nn.Module) -> int:
+    """(Re)search the weight scale of every fake-quantized weight on its
+    folded weight ``W diag(s)`` (direct-QAT baseline): only meaningful once
+    the activation scales ``s`` are calibrated.  Returns the count."""
+    n = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (QLinear, QConv2d)) and m.weight_quant is not None:
+            m.weight_quant.initialized.fill_(False)
+            m.quantized_weight()
+            n += 1
     return n
+
+
+class ActCalibration:
+    """PTQ calibration of the activation quantizers of ``model``.
+
+    ``begin()`` lets every activation quantizer observe (state
+    ``CALIBRATING``); the caller then runs forwards; ``end(state)`` turns the
+    observed statistics into scales (all-reduced under torch.distributed),
+    puts the quantizers into ``state`` and, with ``search_weights``, searches
+    the weight scales on the folded weights.  :meth:`run` does all of it over
+    an iterable of batches.  ``pause()``: stop observing (forwards that
+    follow leave the statistics alone, e.g. extra PCA-teacher batches).
+
+    Args:
+        model: Any module holding quantizers (e.g. ``GPLQModel`` or the
+            model it wraps).
+        search_weights: Forget the weight quantizers' scales in ``begin``
+            and search them again on the folded weights in ``end``.
+    """
+
+    def __init__(self, model: nn.Module, search_weights: bool = False):
+        self.model = model
+        self.search_weights = search_weights
+
+    def begin(self) -> None:
+        set_act_state(self.model, QState.CALIBRATING)
+        if self.search_weights:
+            for _, wq in iter_weight_quantizers(self.model):
+                wq.initialized.fill_(False)  # (re)search on the loaded weights
+
+    def pause(self) -> None:
+        set_act_state(self.model, QState.OFF)
+
+    @torch.no_grad()
+    def end(self, state=QState.LEARNING) -> None:
+        for _, q in iter_act_quantizers(self.model):
+            if q.observer is not None:
+                q.finish_calibration()
+        set_act_state(self.model, state)
+        if self.search_weights:
+            search_folded_weight_scales(self.model)
+
+    @torch.no_grad()
+    def run(self, batches: Iterable, forward: Callable,
+            state=QState.LEARNING,
+            log: Optional[Callable[[str], None]] = None) -> int:
+        """``begin``, ``forward(batch)`` for every batch, ``end(state)``;
+        returns the number of batches."""
+        log = log or (lambda m: None)
+        self.begin()
+        t0, n = time.time(), 0
+        total = len(batches) if hasattr(batches, '__len__') else '?'
+        for i, batch in enumerate(batches):
+            forward(batch)
+            n = i + 1
+            log(f'activation calibration: batch {n}/{total} '
+                f'({time.time() - t0:.1f}s)')
+        self.end(state)
+        return n
+
+
+def calibrate_activations(model: nn.Module, loader, run: Callable,
+                          log: Optional[Callable[[str], None]] = None,
+                          state=QState.FROZEN) -> int:
+    """PTQ calibration of every activation quantizer (FP32 upstream), in
+    eval mode, ending in ``state`` (RepQ-ViT-style baseline)."""
+    model.eval()
+    return ActCalibration(model).run(loader, run, state, log)

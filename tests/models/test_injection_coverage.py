@@ -14,8 +14,9 @@ from mmengine.config import Config
 from torch import nn
 
 from gplq_mm.models.attention import attention_classes, is_quant_attention
-from gplq_mm.models.gplq_model import QUANT_KEY
-from gplq_mm.quant import ActQuantizer, QConv2d, QLinear
+from gplq_mm.models.checkpoint_keys import QUANT_KEY
+from gplq_mm.quant import (ActQuantizer, QConv2d, QLinear, iter_act_quantizers,
+                           set_act_state)
 from gplq_test_utils import (DEIT_GPLQ, DET_GPLQ, SWIN_CLS_GPLQ, build,
                              fp32_model_cfg, load_cfg)
 
@@ -179,9 +180,9 @@ def test_unknown_backbone_raises_and_generic_works():
     samples = [DetDataSample(metainfo=meta) for _ in range(2)]
     wrapper.eval()
     with torch.no_grad():
-        wrapper.set_quant_state('calibrating')
+        set_act_state(wrapper, 'calibrating')
         ref = wrapper(x, samples, mode='tensor')
-        for _, q in wrapper.act_quantizers():
+        for _, q in iter_act_quantizers(wrapper):
             q.finish_calibration()
         assert wrapper.all_calibrated()
         out = wrapper(x, samples, mode='tensor')

@@ -9,8 +9,8 @@ import torch
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
 
-from gplq_mm.engine.hooks.calibration_hook import make_teacher
-from gplq_mm.models.mimic import PCAAccumulator, pool_feature
+from gplq_mm.models.mimic import PCAAccumulator, make_teacher, pool_feature
+from gplq_mm.quant import set_act_state
 from gplq_test_utils import (DEIT_GPLQ, DET_GPLQ, SWIN_CLS_GPLQ, build,
                              fp32_model_cfg, load_cfg)
 
@@ -50,7 +50,7 @@ def _pair(cfg):
     # the plain model's checkpoint loads into the wrapper (keys remapped under
     # model.*; its missing quantizer keys are expected for an FP32 start)
     wrapper.load_state_dict(plain.state_dict(), strict=True)
-    wrapper.set_quant_state('off')
+    set_act_state(wrapper, 'off')
     return plain, wrapper
 
 

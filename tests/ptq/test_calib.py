@@ -4,6 +4,7 @@ import torch
 
 from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
                                calibration_indices, override_observers)
+from gplq_mm.quant import iter_act_quantizers
 
 
 def test_indices_deterministic_distinct_sorted():
@@ -70,5 +71,5 @@ def test_ptq_calibration_sets_every_scale(cls_case, make_model):
         lambda b: model(**model.data_preprocessor(b, False), mode='tensor'))
     assert n == len(cls_case.batches)
     assert model.all_calibrated()
-    for _, q in model.act_quantizers():
+    for _, q in iter_act_quantizers(model):
         assert bool(torch.isfinite(q.scale).all() and (q.scale > 0).all())

@@ -38,7 +38,7 @@ def make_w32a4(stage1_cfg: str, fp32_ckpt: str, path: str, num_images: int = 4,
     from mmengine.runner import load_state_dict
 
     from gplq_mm.ptq.calib import build_calib_loader, calibrate_activations
-    from gplq_mm.quant import QState
+    from gplq_mm.quant import QState, set_act_state
     cfg = load_cfg(stage1_cfg, **options)
     cfg.model.mimic = dict(enabled=False)
     model = build(cfg)
@@ -50,7 +50,7 @@ def make_w32a4(stage1_cfg: str, fp32_ckpt: str, path: str, num_images: int = 4,
         calibrate_activations(
             model, loader,
             lambda b: model(**model.data_preprocessor(b, False), mode='tensor'))
-    model.set_quant_state(QState.LEARNING)
+    set_act_state(model, QState.LEARNING)
     assert model.all_calibrated()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
     return path

@@ -1,5 +1,4 @@
 """Stage-1 calibration: initialise activation scales and the PCA teacher."""
-import copy
 import hashlib
 import time
 from typing import Optional
@@ -14,10 +13,14 @@ from torch.utils.data import DataLoader
 from gplq_mm.engine.input_check import (NonFiniteInputError,
                                         batch_image_names,
                                         check_finite_inputs)
-from gplq_mm.models.gplq_model import QUANT_KEY, GPLQModel
-from gplq_mm.models.mimic import PCAAccumulator, pool_feature
+from gplq_mm.models.checkpoint_keys import has_quant_state
+from gplq_mm.models.gplq_model import GPLQModel
+from gplq_mm.models.mimic import (PCAAccumulator, capture_output,
+                                  make_teacher, pool_feature)
+from gplq_mm.ptq.calib import ActCalibration
+from gplq_mm.quant import (NonFiniteError, QState, iter_act_quantizers,
+                           set_act_state)
 from .safe_checkpoint_hook import GPLQSafeCheckpointHook
-from gplq_mm.quant import NonFiniteError, QConv2d, QLinear, QState
 
 TEACHER_KEY = 'gplq_teacher'
 
@@ -30,17 +33,6 @@ def unwrap(model) -> GPLQModel:
             f'config, got {type(model).__name__}. See configs/gplq/ for '
             'examples.')
     return model
-
-
-def make_teacher(model: GPLQModel) -> torch.nn.Module:
-    """Frozen FP32 copy of the wrapped model: quantizers off, weights float."""
-    teacher = copy.deepcopy(model.model)
-    for m in teacher.modules():
-        if hasattr(m, 'set_state') and hasattr(m, 'observer'):
-            m.set_state(QState.OFF)
-        if isinstance(m, (QLinear, QConv2d)):
-            m.weight_quant = None
-    return teacher
 
 
 def calibration_loader(runner) -> DataLoader:
@@ -125,7 +117,7 @@ class GPLQCalibrationHook(Hook):
         """A resume must start from a checkpoint of a GPLQ training run."""
         sd = checkpoint.get('state_dict', checkpoint)
         meta = checkpoint.get('meta') or {}
-        has_scales = any(QUANT_KEY.search(k) for k in sd)
+        has_scales = has_quant_state(sd)
         if has_scales and 'iter' in meta and 'epoch' in meta:
             return
         src = getattr(runner, '_load_from', None)
@@ -187,14 +179,15 @@ class GPLQCalibrationHook(Hook):
         n_pca = model.mimic_cfg.num_batches if need_pca else 0
         total = max(n_scale, n_pca)
         teacher = make_teacher(model) if need_pca else None
+        # direct-QAT baseline: weight scales are searched on the folded
+        # weight W diag(s), so only once s is calibrated (in calib.end)
+        calib = ActCalibration(model.model, search_weights=True)
         if need_scales:
-            model.set_quant_state(QState.CALIBRATING)
-            for _, wq in model.weight_quantizers():
-                wq.initialized.fill_(False)  # (re)search on the loaded weights
+            calib.begin()
         else:
-            model.set_quant_state(QState.OFF)
+            set_act_state(model.model, QState.OFF)
         feats, acc = {}, None
-        hook = model._capture(model.feature_module(), feats, 'f') \
+        hook = capture_output(model.feature_module(), feats, 'f') \
             if need_pca else None
         was_training = model.training
         model.eval()
@@ -207,7 +200,7 @@ class GPLQCalibrationHook(Hook):
                 if i >= total:
                     break
                 if need_scales and i == n_scale:
-                    model.set_quant_state(QState.OFF)  # PCA batches only
+                    calib.pause()  # PCA batches only
                 data = model.data_preprocessor(data, False)
                 where = f'GPLQ calibration, batch {i + 1}'
                 check_finite_inputs(data, where)
@@ -237,20 +230,10 @@ class GPLQCalibrationHook(Hook):
             raise RuntimeError('GPLQ calibration saw no batch: the training '
                                'dataloader is empty.')
         if need_scales:
-            for _, q in model.act_quantizers():
-                if q.observer is not None:
-                    q.finish_calibration()
-            model.set_quant_state(QState.LEARNING)
-            # direct-QAT baseline: weight scales are searched on the folded
-            # weight W diag(s), so only now that s is calibrated
-            for _, m in model.model.named_modules():
-                if isinstance(m, (QLinear, QConv2d)) and \
-                        m.weight_quant is not None:
-                    m.weight_quant.initialized.fill_(False)
-                    m.quantized_weight()
+            calib.end(QState.LEARNING)
             self._log_scales(model, logger)
         else:
-            model.set_quant_state(QState.LEARNING)
+            set_act_state(model.model, QState.LEARNING)
         if need_pca:
             acc.all_reduce()
             mean, comps, share = acc.basis(model.mimic_cfg.var_ratio,
@@ -265,12 +248,12 @@ class GPLQCalibrationHook(Hook):
     @staticmethod
     def _log_scales(model: GPLQModel, logger) -> None:
         scales = torch.cat([q.scale.detach().flatten()
-                            for _, q in model.act_quantizers()])
+                            for _, q in iter_act_quantizers(model.model)])
         bad = int((~torch.isfinite(scales) | (scales <= 0)).sum())
         if bad:
             raise RuntimeError(f'GPLQ calibration produced {bad} non-finite or '
                                'non-positive scales; check the input data.')
-        n = sum(1 for _ in model.act_quantizers())
+        n = sum(1 for _ in iter_act_quantizers(model.model))
         logger.info(f'GPLQ: calibrated {n} activation quantizers '
                     f'({scales.numel()} scales; min {scales.min():.3g}, '
                     f'median {scales.median():.3g}, max {scales.max():.3g}; '
@@ -281,7 +264,7 @@ def scales_digest(model: GPLQModel) -> str:
     """First 16 hex digits of the SHA-256 of every activation scale (in
     module order, float32): equal digests mean bitwise-equal scales."""
     h = hashlib.sha256()
-    for name, q in model.act_quantizers():
+    for name, q in iter_act_quantizers(model.model):
         h.update(name.encode())
         h.update(q.scale.detach().float().cpu().contiguous().numpy()
                  .tobytes())
