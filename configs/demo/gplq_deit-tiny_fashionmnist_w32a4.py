@@ -32,5 +32,6 @@ optim_wrapper = dict(
     paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
 param_scheduler = []  # constant LR, no warm-up, no decay (paper)
 auto_scale_lr = dict(enable=False, base_batch_size=128)
-default_hooks = dict(checkpoint=dict(interval=1, by_epoch=True))
+default_hooks = dict(checkpoint=dict(interval=1, by_epoch=True),
+                     exact_resume=dict(type='GPLQExactResumeHook'))
 load_from = None  # FP32 checkpoint: --cfg-options load_from=...

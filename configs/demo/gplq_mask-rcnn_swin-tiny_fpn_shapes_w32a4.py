@@ -28,6 +28,7 @@ custom_hooks = [
     dict(type='GPLQCalibrationHook', num_batches=8),
     dict(type='GPLQSafeCheckpointHook'),
 ]
+default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
 
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
 optim_wrapper = dict(

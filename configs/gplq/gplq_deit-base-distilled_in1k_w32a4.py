@@ -11,7 +11,10 @@
 #   python <site-packages>/mmpretrain/.mim/tools/test.py \
 #     configs/gplq/gplq_deit-base-distilled_in1k_w32a4.py \
 #     work_dirs/gplq_deit-base-distilled_in1k_w32a4/epoch_1.pth
-_base_ = 'mmpretrain::deit/deit-base-distilled_16xb64_in1k.py'
+_base_ = [
+    'mmpretrain::deit/deit-base-distilled_16xb64_in1k.py',
+    './_base_/gplq_stage1.py'  # the shared stage-1 recipe
+]
 custom_imports = dict(imports=['gplq_mm'], allow_failed_imports=False)
 
 # Wrap the official classifier (the SoftTeacher pattern of mmdet). Linear/Conv
@@ -44,18 +47,13 @@ custom_hooks = [
 # kept; the quantizer scales get no weight decay. The base's training
 # augmentation (RandAugment, Mixup/CutMix, ...) is kept: it does not interfere
 # with quantization, and teacher and student see the same augmented batch.
-train_cfg = dict(
-    _delete_=True, type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+train_cfg = _base_.gplq_train_cfg
 param_scheduler = []
-optim_wrapper = dict(
-    optimizer=dict(lr=5e-6),
-    paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
+optim_wrapper = _base_.gplq_optim_wrapper
 # 16 images per GPU on 8 GPUs (--auto-scale-lr rescales the LR otherwise).
 train_dataloader = dict(batch_size=16)
 auto_scale_lr = dict(enable=False, base_batch_size=128)
-default_hooks = dict(
-    checkpoint=dict(
-        type='CheckpointHook', interval=1, by_epoch=True, save_last=True))
+default_hooks = _base_.gplq_default_hooks  # checkpoints + exact --resume
 
 # mmpretrain's DeiTClsHead trains on the mean of its two heads (it warns that
 # it cannot train the distilled DeiT, i.e. without the CNN teacher of DeiT's

@@ -11,7 +11,10 @@
 #   python <site-packages>/mmdet/.mim/tools/test.py \
 #     configs/gplq/gplq_mask-rcnn_swin-s-p4-w7_fpn_ms-crop-3x_coco_w32a4.py \
 #     work_dirs/gplq_mask-rcnn_swin-s-p4-w7_fpn_ms-crop-3x_coco_w32a4/epoch_1.pth
-_base_ = 'mmdet::swin/mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py'
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py',
+    './_base_/gplq_stage1.py'  # the shared stage-1 recipe
+]
 custom_imports = dict(imports=['gplq_mm'], allow_failed_imports=False)
 
 # Wrap the official detector (the SoftTeacher pattern). scope='whole' quantizes
@@ -38,23 +41,17 @@ custom_hooks = [
 
 # One epoch of AdamW at a constant LR (no warm-up, no decay). The base's
 # weight-decay rules are kept; the quantizer scales get no weight decay.
-train_cfg = dict(
-    _delete_=True, type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+train_cfg = _base_.gplq_train_cfg
 param_scheduler = []
 # mmdet ships Swin-S 3x only as an AMP config; stage 1 runs in FP32 (under fp16
 # autocast the 4-bit fake quantization and the LSQ scale gradients would be
 # computed in half precision; AmpOptimWrapper also needs a GPU).
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(lr=5e-6),
-    paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
+optim_wrapper = dict(type='OptimWrapper', **_base_.gplq_optim_wrapper)
 # 1 image per GPU on 8 GPUs; the LR is for that total batch of 8
 # (--auto-scale-lr rescales it for another GPU count).
 train_dataloader = dict(batch_size=1)
 auto_scale_lr = dict(enable=False, base_batch_size=8)
-default_hooks = dict(
-    checkpoint=dict(
-        type='CheckpointHook', interval=1, by_epoch=True, save_last=True))
+default_hooks = _base_.gplq_default_hooks  # checkpoints + exact --resume
 
 # The official checkpoint (trained with AMP). Offline: download it once and
 # pass the local file with

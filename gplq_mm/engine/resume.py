@@ -1,4 +1,4 @@
-"""Exact ``--resume`` of stage-1 runs (used by ``GPLQSafeCheckpointHook``).
+"""Exact ``--resume`` of stage-1 runs (used by ``GPLQExactResumeHook``).
 
 mmengine 0.10 leaves two gaps that matter for a one-epoch Act-QAT run:
 

@@ -1,4 +1,7 @@
 from .calibration_hook import GPLQCalibrationHook
+from .exact_resume_hook import GPLQExactResumeHook
 from .safe_checkpoint_hook import GPLQSafeCheckpointHook
 
-__all__ = ['GPLQCalibrationHook', 'GPLQSafeCheckpointHook']
+__all__ = [
+    'GPLQCalibrationHook', 'GPLQExactResumeHook', 'GPLQSafeCheckpointHook'
+]

@@ -1,0 +1,439 @@
+"""Stage 2 as a library: a W32A4 (or, for the PTQ baseline, FP32) checkpoint
+in, a W4A4 config + checkpoint + JSON report out.
+
+``tools/gplq_quantize.py`` is a thin shell over :func:`quantize_checkpoint`
+(argument parsing, the launcher, the log file, and printing
+:class:`Stage2Error` as one line); the pieces are usable on their own:
+
+* :func:`prepare_config`: wrap/check the config for a method;
+* :func:`load_source`: read and load the checkpoint (safe unpickling);
+* :func:`write_w4a4`: write config + checkpoint (byte-reproducible) and
+  self-check them by rebuilding the model from the written config.
+"""
+import hashlib
+import io
+import json
+import os
+import os.path as osp
+import pickle
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+
+class Stage2Error(Exception):
+    """A stage-2 problem with a one-line message naming problem and fix."""
+
+
+@dataclass
+class Stage2Options:
+    """What ``tools/gplq_quantize.py``'s options select (same defaults)."""
+    method: str = 'gplq'  # gplq | repq | qat
+    calib_images: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    w_bits: int = 4
+    qwt: bool = True
+    qwt_lambda: float = 1e-2
+    clip_search: str = 'mse'
+    calib_pipeline: str = 'test'
+    act_observer: str = 'percentile'
+    trust_checkpoint: bool = False
+
+    def weight_config(self):
+        """The weight quantization config, checked (Stage2Error if not)."""
+        from gplq_mm.quant import WeightQuantConfig
+        if self.batch_size < 1:
+            raise Stage2Error('--batch-size must be >= 1.')
+        if self.qwt_lambda < 0:
+            raise Stage2Error(f'--qwt-lambda {self.qwt_lambda}: the ridge '
+                              'lambda must be >= 0.')
+        try:
+            return WeightQuantConfig(bits=self.w_bits, search=self.clip_search)
+        except ValueError as e:
+            raise Stage2Error(f'--w-bits {self.w_bits}: {e}') from None
+
+
+class OutputFiles:
+    """What a stage-2 run created in its output directory, removed again if
+    it fails.
+
+    A failed run leaves the directory as it found it: no log, no partial
+    outputs (pre-existing files are never touched), and no directory it
+    created.
+    """
+
+    def __init__(self):
+        self.files, self.dirs, self.loggers = [], [], []
+
+    def add_file(self, path: str) -> str:
+        if not osp.exists(path):
+            self.files.append(path)
+        return path
+
+    def keep(self) -> None:
+        """Success: keep everything."""
+        self.files.clear()
+
+    def undo(self) -> None:
+        for logger in self.loggers:  # close the log file before removing it
+            for h in list(logger.handlers):
+                if getattr(h, 'baseFilename', None):
+                    h.close()
+                    logger.removeHandler(h)
+        for path in self.files:
+            if osp.exists(path):
+                os.remove(path)
+        for path in reversed(self.dirs):  # deepest first; only if empty
+            if osp.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
+def prepare_out_dir(path: str, outputs: OutputFiles) -> None:
+    """Create ``path`` (recorded in ``outputs``) and check it is writable."""
+    missing, parent = [], osp.abspath(path)
+    while not osp.exists(parent):
+        missing.append(parent)
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        raise Stage2Error(
+            f'--out-dir {path}: {parent} exists and is not a directory; pass '
+            'a directory path (it is created if missing).')
+    try:
+        os.makedirs(path, exist_ok=True)
+        outputs.dirs.extend(reversed(missing))
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise Stage2Error(f'--out-dir {path} is not writable ({e.strerror}); '
+                          'choose another directory.') from None
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_bytes(sd) -> int:
+    return sum(v.numel() * v.element_size() for v in sd.values()
+               if torch.is_tensor(v))
+
+
+def runner_model_cfg(cfg):
+    """The model config as mmengine's Runner builds it.
+
+    The Runner merges the config's top-level ``data_preprocessor`` (where
+    mmpretrain configs keep mean/std) into the model config; building
+    ``cfg.model`` alone would calibrate on unnormalised images while the stock
+    test script evaluates normalised ones.  Given to the wrapped model, as
+    GPLQModel does with it.
+    """
+    model = cfg.model.copy()
+    dp = cfg.get('data_preprocessor')
+    if dp is not None:
+        inner = model.model.copy()
+        inner.setdefault('data_preprocessor', dp.copy())
+        model.model = inner
+    return model
+
+
+def imports_gplq(cfg) -> bool:
+    """Whether the config's ``custom_imports`` import gplq_mm."""
+    imports = (cfg.get('custom_imports') or {}).get('imports') or []
+    if isinstance(imports, str):
+        imports = [imports]
+    return 'gplq_mm' in imports
+
+
+def add_gplq_import(cfg) -> None:
+    """Add gplq_mm to ``custom_imports``, keeping the config's own."""
+    ci = dict(cfg.get('custom_imports') or {})
+    imports = ci.get('imports') or []
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    ci['imports'] = imports + ['gplq_mm']
+    ci.setdefault('allow_failed_imports', False)
+    cfg.custom_imports = ci
+
+
+def calibration_record(loader, seed: int) -> dict:
+    """Indices (and image paths) of the whole calibration subset.
+
+    ``loader`` is a :func:`build_calib_loader` loader: its dataset is the
+    seeded ``Subset`` of every rank's images (the ranks split its batches).
+    """
+    ds, idx = loader.dataset.dataset, list(loader.dataset.indices)
+    paths = []
+    if hasattr(ds, 'get_data_info'):
+        paths = [ds.get_data_info(i).get('img_path') for i in idx]
+    return dict(seed=seed, indices=idx, images=paths)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, 'w') as f:
+        f.write(text)
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write via a temporary file in the same directory, then rename."""
+    root, ext = osp.splitext(path)
+    tmp = f'{root}.tmp{ext}'  # keep the extension: Config.dump reads it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+def prepare_config(cfg, method: str, config_path: str) -> None:
+    """Make ``cfg`` (in place) the stage-1 config stage 2 builds its model
+    from: a plain config is wrapped with GPLQModel (``repq`` only); the
+    config must import gplq_mm and must not be a W4A4 config already."""
+    if cfg.model.get('type') != 'GPLQModel':
+        if method != 'repq':
+            raise Stage2Error(
+                f'{config_path} does not wrap its model with GPLQModel. '
+                f'--method {method} needs the stage-1 config the '
+                'checkpoint was trained with (see configs/gplq/); for the '
+                'PTQ baseline from an FP32 checkpoint use --method repq.')
+        cfg.model = dict(type='GPLQModel', model=cfg.model)
+        if not imports_gplq(cfg):
+            add_gplq_import(cfg)
+    elif not imports_gplq(cfg):
+        # stage 2 imports gplq_mm itself; the stock scripts would not
+        raise Stage2Error(
+            f"{config_path} uses type='GPLQModel' but its custom_imports do "
+            "not import gplq_mm: add the line `custom_imports = "
+            "dict(imports=['gplq_mm'], allow_failed_imports=False)` to the "
+            'config. Without it the stock tools/train.py and tools/test.py '
+            '(and the W4A4 config written from it) fail with "GPLQModel is '
+            'not in the model registry".')
+    if cfg.model.get('w4a4'):
+        raise Stage2Error(f'{config_path} is already a W4A4 config; pass the '
+                          'stage-1 config.')
+    cfg.model.setdefault('quant', {})
+    cfg.model.mimic = dict(enabled=False)  # no teacher needed in stage 2
+
+
+def load_source(model, checkpoint: str, config_path: str,
+                trust: bool = False):
+    """Read ``checkpoint`` (safely unless ``trust``) and load it into
+    ``model``; returns ``(checkpoint dict, its state dict)``."""
+    from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
+                                                load_checkpoint_file)
+    from gplq_mm.models.checkpoint_keys import CheckpointMismatchError
+    try:
+        ckpt = load_checkpoint_file(checkpoint, trust=trust)
+    except UnsafeCheckpointError as e:
+        raise Stage2Error(str(e)) from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        msg = str(e)  # the safe loader's own message names the problem
+        if trust:
+            msg = (f'{checkpoint} is not a readable torch checkpoint '
+                   f'(truncated or corrupted?): {e}')
+        raise Stage2Error(msg) from None
+    if not isinstance(ckpt, dict):
+        raise Stage2Error(f'{checkpoint} holds a {type(ckpt).__name__}, not a '
+                          'checkpoint dict (state_dict, meta).')
+    sd = ckpt.get('state_dict', ckpt)
+    try:
+        # GPLQModel's load hook checks keys and shapes (CheckpointMismatchError
+        # names them) before torch would raise its own size-mismatch error
+        model.load_state_dict(sd, strict=False)
+    except CheckpointMismatchError as e:
+        raise Stage2Error(f'{checkpoint} with config {config_path}: {e}') \
+            from None
+    return ckpt, sd
+
+
+def write_w4a4(model, out_cfg, state: dict, meta: dict, cfg_path: str,
+               ckpt_path: str, check_batch) -> None:
+    """Write the W4A4 config and checkpoint, then self-check them.
+
+    The checkpoint is byte-reproducible: no wall-clock time in it (it is in
+    the JSON report), and serialised to memory so that the zip archive's
+    internal name does not depend on the output file name.  Self-check: a
+    model built from the written config must load the checkpoint strictly
+    and compute exactly what ``model`` (the converted model) does on
+    ``check_batch``; if not, both files are removed and Stage2Error raised.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import MODELS
+    from mmengine.runner import load_state_dict
+    atomic_write(cfg_path, lambda p: out_cfg.dump(p))
+    buf = io.BytesIO()
+    torch.save(dict(state_dict=state, meta=meta), buf)
+    atomic_write(ckpt_path, lambda p: write_bytes(p, buf.getvalue()))
+    del buf
+    check = Config.fromfile(cfg_path)
+    rebuilt = MODELS.build(runner_model_cfg(check))
+    loaded = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    load_state_dict(rebuilt, loaded['state_dict'], strict=True)
+    rebuilt.eval()
+    with torch.no_grad():
+        a = model.model.extract_feat(
+            model.data_preprocessor(check_batch, False)['inputs'])
+        b = rebuilt.model.extract_feat(
+            rebuilt.data_preprocessor(check_batch, False)['inputs'])
+    a, b = (a if isinstance(a, (tuple, list)) else [a]), \
+        (b if isinstance(b, (tuple, list)) else [b])
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    if diff > 1e-4:
+        for p in (cfg_path, ckpt_path):
+            os.remove(p)
+        raise Stage2Error(
+            f'self-check failed: the model rebuilt from {cfg_path} differs '
+            f'from the converted model by {diff:.3g}; nothing written.')
+
+
+def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
+                        name: str, opts: Stage2Options, outputs: OutputFiles,
+                        log: Callable[[str], None],
+                        t_start: Optional[float] = None) -> Optional[dict]:
+    """Stage 2: quantize the weights of ``checkpoint`` and write
+    ``<out_dir>/<name>_w4a4.{py,pth,json}``.
+
+    Args:
+        cfg: The loaded config of ``config_path`` (``--cfg-options`` merged,
+            default scope set).
+        opts: The stage-2 options.
+        outputs: Files written are recorded there (removed on failure by
+            the caller).
+        log: Progress messages.
+
+    Returns:
+        The JSON report (rank 0), ``None`` on other ranks.
+
+    Raises:
+        Stage2Error: one-line message naming problem and fix.
+    """
+    from mmengine.dist import get_rank, is_main_process
+    from mmengine.registry import MODELS
+
+    import gplq_mm
+    from gplq_mm.engine.input_check import check_finite_inputs
+    from gplq_mm.models.checkpoint_keys import has_quant_state
+    from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
+                                   override_observers)
+    from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
+    from gplq_mm.quant import NonFiniteError, iter_weight_quantizers
+    t_start = time.time() if t_start is None else t_start
+    w_cfg = opts.weight_config()
+    prepare_config(cfg, opts.method, config_path)
+    model = MODELS.build(runner_model_cfg(cfg))
+    ckpt, sd = load_source(model, checkpoint, config_path,
+                           opts.trust_checkpoint)
+    if opts.method in ('gplq', 'qat') and not model.all_calibrated():
+        raise Stage2Error(
+            f'{checkpoint} has no activation scales (an FP32 checkpoint?). '
+            'Run stage 1 (Act-QAT) first, or use --method repq for the PTQ '
+            'baseline.')
+    if opts.method == 'repq' and has_quant_state(sd):
+        log('--method repq: the checkpoint already has activation scales; '
+            'they are recalibrated from scratch (PTQ baseline).')
+    if opts.method == 'qat' and \
+            not any(True for _ in iter_weight_quantizers(model)):
+        raise Stage2Error(
+            '--method qat needs a checkpoint trained with quant.weight '
+            '(direct W4A4 QAT); this config has no weight quantizers.')
+
+    try:
+        loader = build_calib_loader(cfg, opts.calib_images, opts.batch_size,
+                                    opts.seed, opts.calib_pipeline)
+    except ValueError as e:  # --calib-images out of range
+        raise Stage2Error(str(e)) from None
+    except FileNotFoundError as e:
+        raise Stage2Error(
+            f'calibration data not found: {e}. Stage 2 reads its images from '
+            "the config's train_dataloader; point it at your copy, e.g. "
+            '--cfg-options train_dataloader.dataset.data_root=DIR/') from None
+    calib_record = calibration_record(loader, opts.seed)
+    log(f'calibration set: {opts.calib_images} images (seed {opts.seed}, '
+        f'{opts.calib_pipeline} pipeline), {len(loader)} batches on rank '
+        f'{get_rank()}; indices {calib_record["indices"][:8]}'
+        f'{" ..." if opts.calib_images > 8 else ""}')
+
+    # calibration batches only (no training step here): one isfinite each
+    def full_forward(batch):
+        data = model.data_preprocessor(batch, False)
+        check_finite_inputs(data, 'calibration')
+        model(**data, mode='tensor')
+
+    def backbone_forward(batch):
+        data = model.data_preprocessor(batch, False)
+        check_finite_inputs(data, 'calibration')
+        model.model.backbone(data['inputs'])
+
+    try:
+        if opts.method == 'repq':
+            override_observers(model, opts.act_observer)
+            calibrate_activations(model, loader, full_forward, log)
+
+        report = weight_ptq(model.model, lambda: loader, backbone_forward,
+                            w_cfg, qwt=opts.qwt, lam=opts.qwt_lambda,
+                            use_learned_scale=opts.method == 'qat',
+                            logger=log,
+                            batch_ids=loader.batch_sampler.global_ids)
+    except NonFiniteError as e:  # in the images (named) or inside the model
+        raise Stage2Error(f'{e} Nothing was written.') from None
+    kept: List[str] = [b.name for b in report.blocks if b.kept]
+    log(report.table())
+
+    # -- outputs ---------------------------------------------------------------
+    out_cfg = cfg.copy()
+    out_cfg.model.w4a4 = dict(w_bits=opts.w_bits, qwt_blocks=kept)
+    out_cfg.load_from = None
+    if not imports_gplq(out_cfg):  # the stock test.py needs it
+        add_gplq_import(out_cfg)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    src_sd_bytes = state_bytes(sd)
+    meta = dict(
+        gplq=dict(method=opts.method, w_bits=opts.w_bits,
+                  a_bits=model.quant_cfg.act.bits, qwt=opts.qwt,
+                  qwt_lambda=opts.qwt_lambda, qwt_blocks=kept,
+                  calib_images=opts.calib_images, calib_seed=opts.seed,
+                  calib_pipeline=opts.calib_pipeline,
+                  source_checkpoint=osp.abspath(checkpoint),
+                  source_sha256=sha256(checkpoint),
+                  gplq_mm_version=gplq_mm.__version__),
+        dataset_meta=ckpt.get('meta', {}).get('dataset_meta'))
+    if not is_main_process():
+        return None
+    cfg_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.py'))
+    ckpt_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.pth'))
+    json_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.json'))
+    write_w4a4(model, out_cfg, state, meta, cfg_path, ckpt_path,
+               next(iter(loader)))
+
+    sizes = dict(source_checkpoint_bytes=osp.getsize(checkpoint),
+                 source_state_dict_bytes=src_sd_bytes,
+                 w4a4_checkpoint_bytes=osp.getsize(ckpt_path),
+                 w4a4_state_dict_bytes=state_bytes(state))
+    summary = dict(config=cfg_path, checkpoint=ckpt_path, method=opts.method,
+                   time=time.strftime('%Y-%m-%d %H:%M:%S'),
+                   checkpoint_sha256=sha256(ckpt_path),
+                   calibration=dict(calib_record,
+                                    pipeline=opts.calib_pipeline),
+                   w_bits=opts.w_bits,
+                   integer_layers=len(integer_layers(model.model)),
+                   qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
+                   wall_seconds=time.time() - t_start,
+                   ptq_seconds=report.seconds,
+                   peak_rss_mib=resource.getrusage(
+                       resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   **sizes, report=report.to_dict())
+    atomic_write(json_path,
+                 lambda p: write_text(p, json.dumps(summary, indent=1)))
+    return summary
