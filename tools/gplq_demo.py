@@ -33,7 +33,7 @@ from typing import Optional
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from gplq_mm.demo.pipeline import Runner, StageError, stock_tool  # noqa: E402
+from gplq_mm.demo.pipeline import StageError, StageRunner, stock_tool  # noqa: E402
 
 PY = sys.executable
 QUANTIZE = osp.join(REPO, 'tools', 'gplq_quantize.py')
@@ -162,7 +162,7 @@ def run_task(task: str, args, size: dict, log,
     # slower than a single thread (measured here: 7.0 s vs 0.6 s).
     env = {spec['env']: root,
            'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')}
-    r = Runner(wd, env=env, log=log, stop=stop)
+    r = StageRunner(wd, env=env, log=log, stop=stop)
     train, test = stock_tool(spec['pkg'], 'train'), stock_tool(spec['pkg'], 'test')
     # a stage is reused only if the sizes, seed and the config files it uses
     # are unchanged (the QAT config inherits the GPLQ one)

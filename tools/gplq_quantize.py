@@ -16,7 +16,7 @@ Methods (all write the same integer W4A4 form, evaluated the same way):
         ``quant.weight`` (weights fake-quantized during training); the learned
         weight scales are used instead of the clipping search.
 
-The work is done by the library (gplq_mm.ptq.export.quantize_checkpoint);
+The work is done by the library (gplq_mm.engine.stage2.quantize_checkpoint);
 this script parses the arguments, starts the launcher, keeps the log file and
 prints stage-2 errors as one line.
 """
@@ -143,7 +143,8 @@ def quantize(args, outputs) -> int:
     from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
 
-    from gplq_mm.ptq.export import prepare_out_dir, quantize_checkpoint
+    from gplq_mm.engine.stage2 import quantize_checkpoint
+    from gplq_mm.ptq.export import prepare_out_dir
 
     if not osp.isfile(args.config):
         fail(f'config {args.config} does not exist.')

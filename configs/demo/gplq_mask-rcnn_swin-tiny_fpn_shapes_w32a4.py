@@ -28,7 +28,6 @@ custom_hooks = [
     dict(type='GPLQCalibrationHook', num_batches=8),
     dict(type='GPLQSafeCheckpointHook'),
 ]
-default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
 
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
 optim_wrapper = dict(
@@ -36,4 +35,6 @@ optim_wrapper = dict(
     paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
 param_scheduler = []  # constant LR, no warm-up, no decay (paper)
 auto_scale_lr = dict(enable=False, base_batch_size=8)
+# exact --resume (RNG states, no batch trained twice)
+default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
 load_from = None  # FP32 checkpoint: --cfg-options load_from=...

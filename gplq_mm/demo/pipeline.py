@@ -56,7 +56,7 @@ class Stage:
     outputs: Dict[str, str] = field(default_factory=dict)
 
 
-class Runner:
+class StageRunner:
     """Runs measured, cached stages under ``work_dir``."""
 
     def __init__(self, work_dir: str, env: Optional[Dict[str, str]] = None,

@@ -5,23 +5,20 @@
 * :func:`remap_plain_keys` lets a checkpoint of the plain model (keys without
   ``model.``) load into ``GPLQModel``;
 * :func:`check_loaded_keys` decides which missing/unexpected keys are an
-  error (:class:`CheckpointMismatchError`) and which are an FP32 start.
+  error (GPLQModel raises ``CheckpointMismatchError`` with its message) and
+  which are an FP32 start.
 
 ``GPLQModel`` registers them as its load hooks; the stage-1 hooks and
 ``gplq_quantize.py`` ask :func:`has_quant_state` about a checkpoint.
 """
 import re
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from mmengine.logging import print_log
 
 # Keys of quantizer state: missing ones mean "not calibrated / not loaded".
 QUANT_KEY = re.compile(r'(^|\.)(act|q|k|v|attn|weight)_quant\.')
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the quantized model built from the config."""
 
 
 def has_quant_state(keys: Iterable[str]) -> bool:
@@ -55,10 +52,10 @@ def shape_mismatches(state_dict: Dict, own: Dict) -> List[str]:
 
 
 def check_loaded_keys(incompatible, ckpt_has_quant: bool,
-                      shape_mismatch: List[str]) -> None:
-    """Raise :class:`CheckpointMismatchError` for keys that do not fit;
-    accept (and drop from ``incompatible``) the missing quantizer keys of a
-    checkpoint without any quantizer state (FP32 start)."""
+                      shape_mismatch: List[str]) -> Optional[str]:
+    """The error message for keys that do not fit (``None`` if they fit);
+    accepts (and drops from ``incompatible``) the missing quantizer keys of
+    a checkpoint without any quantizer state (FP32 start)."""
     missing = [k for k in incompatible.missing_keys
                if not k.endswith('num_batches_tracked')]
     unexpected = list(incompatible.unexpected_keys)
@@ -83,11 +80,10 @@ def check_loaded_keys(incompatible, ckpt_has_quant: bool,
         if any('weight_packed' in k for k in unexpected + missing):
             hint = ('Integer (W4A4) and float (W32A4/FP32) checkpoints '
                     'differ: ' + hint)
-        raise CheckpointMismatchError(
-            'Checkpoint does not match the GPLQ model built from the '
-            'config: ' + '; '.join(problems) + '. ' + hint +
-            ' (set model.strict_load=False only if you have checked these '
-            'keys yourself).')
+        return ('Checkpoint does not match the GPLQ model built from the '
+                'config: ' + '; '.join(problems) + '. ' + hint +
+                ' (set model.strict_load=False only if you have checked '
+                'these keys yourself).')
     if q_missing:
         # FP32 checkpoint (stage-1 start): scales come from calibration.
         print_log(
@@ -99,3 +95,4 @@ def check_loaded_keys(incompatible, ckpt_has_quant: bool,
         # handled here: keep mmengine from listing every scale as missing
         for k in q_missing:
             incompatible.missing_keys.remove(k)
+    return None

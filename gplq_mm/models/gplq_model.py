@@ -23,13 +23,16 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from gplq_mm.quant import all_act_calibrated
-from .checkpoint_keys import (QUANT_KEY, CheckpointMismatchError,
-                              check_loaded_keys, remap_plain_keys,
+from .checkpoint_keys import (QUANT_KEY, check_loaded_keys, remap_plain_keys,
                               shape_mismatches)
 from .injection import InjectConfig, inject
 from .mimic import MimicConfig, capture_output, mimic_loss, pool_feature
 
 __all__ = ['GPLQModel', 'QUANT_KEY', 'CheckpointMismatchError']
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the quantized model built from the config."""
 
 @MODELS.register_module()
 class GPLQModel(BaseModel):
@@ -179,6 +182,9 @@ class GPLQModel(BaseModel):
             state_dict, self.state_dict(prefix=prefix, keep_vars=True))
 
     def _check_keys(self, module: nn.Module, incompatible) -> None:
-        if self.strict_load:
-            check_loaded_keys(incompatible, self._ckpt_has_quant,
-                              self._shape_mismatch)
+        if not self.strict_load:
+            return
+        problem = check_loaded_keys(incompatible, self._ckpt_has_quant,
+                                    self._shape_mismatch)
+        if problem:
+            raise CheckpointMismatchError(problem)

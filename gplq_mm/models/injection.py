@@ -1,6 +1,6 @@
 """Quantizer injection: swap Linear/Conv2d/attention modules of a built model.
 
-Known architectures (their module names are listed in DESIGN.md section 3):
+Known architectures (their module names are listed in docs/design.md §3):
 
 * mmdet ``SwinTransformer`` (Mask R-CNN & co.),
 * mmpretrain ``SwinTransformer``,

@@ -1,26 +1,22 @@
-"""Stage 2 as a library: a W32A4 (or, for the PTQ baseline, FP32) checkpoint
-in, a W4A4 config + checkpoint + JSON report out.
+"""The pieces of stage 2's W4A4 export (what a W4A4 config, checkpoint and
+report are, and how they are written); run end to end by
+:func:`gplq_mm.engine.stage2.quantize_checkpoint`, which
+``tools/gplq_quantize.py`` calls.
 
-``tools/gplq_quantize.py`` is a thin shell over :func:`quantize_checkpoint`
-(argument parsing, the launcher, the log file, and printing
-:class:`Stage2Error` as one line); the pieces are usable on their own:
-
+* :class:`Stage2Options` / :class:`Stage2Error`: the options and the
+  one-line errors of stage 2;
 * :func:`prepare_config`: wrap/check the config for a method;
-* :func:`load_source`: read and load the checkpoint (safe unpickling);
 * :func:`write_w4a4`: write config + checkpoint (byte-reproducible) and
-  self-check them by rebuilding the model from the written config.
+  self-check them by rebuilding the model from the written config;
+* :class:`OutputFiles`: what a run wrote, removed again if it fails.
 """
 import hashlib
 import io
-import json
 import os
 import os.path as osp
-import pickle
-import resource
 import tempfile
-import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable
 
 import torch
 
@@ -227,37 +223,6 @@ def prepare_config(cfg, method: str, config_path: str) -> None:
     cfg.model.mimic = dict(enabled=False)  # no teacher needed in stage 2
 
 
-def load_source(model, checkpoint: str, config_path: str,
-                trust: bool = False):
-    """Read ``checkpoint`` (safely unless ``trust``) and load it into
-    ``model``; returns ``(checkpoint dict, its state dict)``."""
-    from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
-                                                load_checkpoint_file)
-    from gplq_mm.models.checkpoint_keys import CheckpointMismatchError
-    try:
-        ckpt = load_checkpoint_file(checkpoint, trust=trust)
-    except UnsafeCheckpointError as e:
-        raise Stage2Error(str(e)) from None
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        msg = str(e)  # the safe loader's own message names the problem
-        if trust:
-            msg = (f'{checkpoint} is not a readable torch checkpoint '
-                   f'(truncated or corrupted?): {e}')
-        raise Stage2Error(msg) from None
-    if not isinstance(ckpt, dict):
-        raise Stage2Error(f'{checkpoint} holds a {type(ckpt).__name__}, not a '
-                          'checkpoint dict (state_dict, meta).')
-    sd = ckpt.get('state_dict', ckpt)
-    try:
-        # GPLQModel's load hook checks keys and shapes (CheckpointMismatchError
-        # names them) before torch would raise its own size-mismatch error
-        model.load_state_dict(sd, strict=False)
-    except CheckpointMismatchError as e:
-        raise Stage2Error(f'{checkpoint} with config {config_path}: {e}') \
-            from None
-    return ckpt, sd
-
-
 def write_w4a4(model, out_cfg, state: dict, meta: dict, cfg_path: str,
                ckpt_path: str, check_batch) -> None:
     """Write the W4A4 config and checkpoint, then self-check them.
@@ -296,144 +261,3 @@ def write_w4a4(model, out_cfg, state: dict, meta: dict, cfg_path: str,
         raise Stage2Error(
             f'self-check failed: the model rebuilt from {cfg_path} differs '
             f'from the converted model by {diff:.3g}; nothing written.')
-
-
-def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
-                        name: str, opts: Stage2Options, outputs: OutputFiles,
-                        log: Callable[[str], None],
-                        t_start: Optional[float] = None) -> Optional[dict]:
-    """Stage 2: quantize the weights of ``checkpoint`` and write
-    ``<out_dir>/<name>_w4a4.{py,pth,json}``.
-
-    Args:
-        cfg: The loaded config of ``config_path`` (``--cfg-options`` merged,
-            default scope set).
-        opts: The stage-2 options.
-        outputs: Files written are recorded there (removed on failure by
-            the caller).
-        log: Progress messages.
-
-    Returns:
-        The JSON report (rank 0), ``None`` on other ranks.
-
-    Raises:
-        Stage2Error: one-line message naming problem and fix.
-    """
-    from mmengine.dist import get_rank, is_main_process
-    from mmengine.registry import MODELS
-
-    import gplq_mm
-    from gplq_mm.engine.input_check import check_finite_inputs
-    from gplq_mm.models.checkpoint_keys import has_quant_state
-    from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
-                                   override_observers)
-    from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
-    from gplq_mm.quant import NonFiniteError, iter_weight_quantizers
-    t_start = time.time() if t_start is None else t_start
-    w_cfg = opts.weight_config()
-    prepare_config(cfg, opts.method, config_path)
-    model = MODELS.build(runner_model_cfg(cfg))
-    ckpt, sd = load_source(model, checkpoint, config_path,
-                           opts.trust_checkpoint)
-    if opts.method in ('gplq', 'qat') and not model.all_calibrated():
-        raise Stage2Error(
-            f'{checkpoint} has no activation scales (an FP32 checkpoint?). '
-            'Run stage 1 (Act-QAT) first, or use --method repq for the PTQ '
-            'baseline.')
-    if opts.method == 'repq' and has_quant_state(sd):
-        log('--method repq: the checkpoint already has activation scales; '
-            'they are recalibrated from scratch (PTQ baseline).')
-    if opts.method == 'qat' and \
-            not any(True for _ in iter_weight_quantizers(model)):
-        raise Stage2Error(
-            '--method qat needs a checkpoint trained with quant.weight '
-            '(direct W4A4 QAT); this config has no weight quantizers.')
-
-    try:
-        loader = build_calib_loader(cfg, opts.calib_images, opts.batch_size,
-                                    opts.seed, opts.calib_pipeline)
-    except ValueError as e:  # --calib-images out of range
-        raise Stage2Error(str(e)) from None
-    except FileNotFoundError as e:
-        raise Stage2Error(
-            f'calibration data not found: {e}. Stage 2 reads its images from '
-            "the config's train_dataloader; point it at your copy, e.g. "
-            '--cfg-options train_dataloader.dataset.data_root=DIR/') from None
-    calib_record = calibration_record(loader, opts.seed)
-    log(f'calibration set: {opts.calib_images} images (seed {opts.seed}, '
-        f'{opts.calib_pipeline} pipeline), {len(loader)} batches on rank '
-        f'{get_rank()}; indices {calib_record["indices"][:8]}'
-        f'{" ..." if opts.calib_images > 8 else ""}')
-
-    # calibration batches only (no training step here): one isfinite each
-    def full_forward(batch):
-        data = model.data_preprocessor(batch, False)
-        check_finite_inputs(data, 'calibration')
-        model(**data, mode='tensor')
-
-    def backbone_forward(batch):
-        data = model.data_preprocessor(batch, False)
-        check_finite_inputs(data, 'calibration')
-        model.model.backbone(data['inputs'])
-
-    try:
-        if opts.method == 'repq':
-            override_observers(model, opts.act_observer)
-            calibrate_activations(model, loader, full_forward, log)
-
-        report = weight_ptq(model.model, lambda: loader, backbone_forward,
-                            w_cfg, qwt=opts.qwt, lam=opts.qwt_lambda,
-                            use_learned_scale=opts.method == 'qat',
-                            logger=log,
-                            batch_ids=loader.batch_sampler.global_ids)
-    except NonFiniteError as e:  # in the images (named) or inside the model
-        raise Stage2Error(f'{e} Nothing was written.') from None
-    kept: List[str] = [b.name for b in report.blocks if b.kept]
-    log(report.table())
-
-    # -- outputs ---------------------------------------------------------------
-    out_cfg = cfg.copy()
-    out_cfg.model.w4a4 = dict(w_bits=opts.w_bits, qwt_blocks=kept)
-    out_cfg.load_from = None
-    if not imports_gplq(out_cfg):  # the stock test.py needs it
-        add_gplq_import(out_cfg)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    src_sd_bytes = state_bytes(sd)
-    meta = dict(
-        gplq=dict(method=opts.method, w_bits=opts.w_bits,
-                  a_bits=model.quant_cfg.act.bits, qwt=opts.qwt,
-                  qwt_lambda=opts.qwt_lambda, qwt_blocks=kept,
-                  calib_images=opts.calib_images, calib_seed=opts.seed,
-                  calib_pipeline=opts.calib_pipeline,
-                  source_checkpoint=osp.abspath(checkpoint),
-                  source_sha256=sha256(checkpoint),
-                  gplq_mm_version=gplq_mm.__version__),
-        dataset_meta=ckpt.get('meta', {}).get('dataset_meta'))
-    if not is_main_process():
-        return None
-    cfg_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.py'))
-    ckpt_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.pth'))
-    json_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.json'))
-    write_w4a4(model, out_cfg, state, meta, cfg_path, ckpt_path,
-               next(iter(loader)))
-
-    sizes = dict(source_checkpoint_bytes=osp.getsize(checkpoint),
-                 source_state_dict_bytes=src_sd_bytes,
-                 w4a4_checkpoint_bytes=osp.getsize(ckpt_path),
-                 w4a4_state_dict_bytes=state_bytes(state))
-    summary = dict(config=cfg_path, checkpoint=ckpt_path, method=opts.method,
-                   time=time.strftime('%Y-%m-%d %H:%M:%S'),
-                   checkpoint_sha256=sha256(ckpt_path),
-                   calibration=dict(calib_record,
-                                    pipeline=opts.calib_pipeline),
-                   w_bits=opts.w_bits,
-                   integer_layers=len(integer_layers(model.model)),
-                   qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
-                   wall_seconds=time.time() - t_start,
-                   ptq_seconds=report.seconds,
-                   peak_rss_mib=resource.getrusage(
-                       resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   **sizes, report=report.to_dict())
-    atomic_write(json_path,
-                 lambda p: write_text(p, json.dumps(summary, indent=1)))
-    return summary

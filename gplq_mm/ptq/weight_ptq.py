@@ -1,6 +1,6 @@
 """Stage 2: weight PTQ with QwT compensation on a calibrated W32A4 model.
 
-Order (what the paper and DESIGN.md sections 1/4 ask for):
+Order (what the paper asks for; docs/design.md §1):
 
 1. activation quantizers frozen (scales from stage 1, or from PTQ calibration
    for the RepQ-ViT-style baseline);

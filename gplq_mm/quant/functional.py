@@ -44,6 +44,18 @@ def choose_qparams(absmax: Tensor, qmax: int) -> Tensor:
     return scale
 
 
+def _div(x: Tensor, scale: Tensor, inplace: bool = False,
+         out: Optional[Tensor] = None) -> Tensor:
+    """``x / scale`` into ``out``, or in place in ``x`` when ``inplace`` and
+    the result has ``x``'s dtype and shape, else into a new tensor."""
+    if out is not None:
+        return torch.div(x, scale, out=out)
+    if inplace and torch.result_type(x, scale) == x.dtype and \
+            torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
+        return x.div_(scale)
+    return torch.div(x, scale)
+
+
 def _fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int,
                 inplace: bool = False, out: Optional[Tensor] = None) -> Tensor:
     """``clamp(round(x / s), qmin, qmax) * s`` with at most one allocation.
@@ -54,14 +66,7 @@ def _fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int,
     ``inplace=True`` reuses ``x`` itself when the result has its dtype/shape;
     ``out``: write the result there.
     """
-    if out is not None:
-        r = torch.div(x, scale, out=out)
-    elif inplace and torch.result_type(x, scale) == x.dtype and \
-            torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
-        r = x.div_(scale)
-    else:
-        r = torch.div(x, scale)
-    return r.round_().clamp_(qmin, qmax).mul_(scale)
+    return _div(x, scale, inplace, out).round_().clamp_(qmin, qmax).mul_(scale)
 
 
 def _ratio_and_mask(x: Tensor, scale: Tensor, qmin: int, qmax: int,
@@ -245,13 +250,7 @@ def _log2_fake_quant(x: Tensor, scale: Tensor, bits: int,
     when one is given.  ``out``: write the result there.
     """
     top = 2**bits - 1
-    if out is not None:
-        r = torch.div(x, scale, out=out)
-    elif inplace and torch.result_type(x, scale) == x.dtype and \
-            torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
-        r = x.div_(scale)
-    else:
-        r = torch.div(x, scale)
+    r = _div(x, scale, inplace, out)
     # ratio <= 0 maps to k = round(-2 log2(1e-30)) = 199 >= top for
     # bits <= 7, i.e. to zero anyway; 8 bits needs the explicit test
     keep = torch.gt(r, 0, out=torch.empty_like(r)) if top > 199 else None

@@ -17,8 +17,9 @@ custom_hooks = [
     dict(type='GPLQCalibrationHook', num_batches=2),
     dict(type='GPLQSafeCheckpointHook'),
 ]
-default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
 optim_wrapper = dict(
     optimizer=dict(lr=1e-4),
     paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
+# exact --resume (RNG states, no batch trained twice)
+default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
 load_from = None

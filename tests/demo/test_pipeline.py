@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from gplq_mm.demo.pipeline import Runner, parse_test_metrics
+from gplq_mm.demo.pipeline import StageRunner, parse_test_metrics
 
 PY = sys.executable
 
@@ -17,7 +17,7 @@ def _touch(path):
 def test_stage_runs_measures_and_caches(tmp_path):
     out = tmp_path / 'a' / 'out.txt'
     msgs = []
-    r = Runner(str(tmp_path), log=msgs.append)
+    r = StageRunner(str(tmp_path), log=msgs.append)
     st = r.run('a', [_touch(out)], dict(k=1), dict(ckpt=str(out)))
     assert not st.cached and st.seconds > 0 and st.peak_rss_mib > 0
     rec = json.loads((tmp_path / 'a' / 'done.json').read_text())
@@ -28,7 +28,7 @@ def test_stage_runs_measures_and_caches(tmp_path):
 
 
 def test_failed_step_names_the_command_and_log(tmp_path):
-    r = Runner(str(tmp_path), log=lambda m: None)
+    r = StageRunner(str(tmp_path), log=lambda m: None)
     bad = [PY, '-c', 'import sys; print("boom here"); sys.exit(3)']
     with pytest.raises(RuntimeError, match=r'stage b step 0 failed \(exit 3\)'
                        r'(.|\n)*boom here'):
@@ -37,7 +37,7 @@ def test_failed_step_names_the_command_and_log(tmp_path):
 
 
 def test_missing_output_is_an_error(tmp_path):
-    r = Runner(str(tmp_path), log=lambda m: None)
+    r = StageRunner(str(tmp_path), log=lambda m: None)
     with pytest.raises(RuntimeError, match='did not write'):
         r.run('c', [[PY, '-c', 'pass']], {}, dict(ckpt=str(tmp_path / 'no')))
 
@@ -47,7 +47,7 @@ def test_stop_event_prevents_further_steps(tmp_path):
     stop = threading.Event()
     stop.set()
     out = tmp_path / 'd' / 'out.txt'
-    r = Runner(str(tmp_path), log=lambda m: None, stop=stop)
+    r = StageRunner(str(tmp_path), log=lambda m: None, stop=stop)
     with pytest.raises(RuntimeError, match='another demo pipeline failed'):
         r.run('d', [_touch(out)], {}, dict(ckpt=str(out)))
     assert not out.exists()

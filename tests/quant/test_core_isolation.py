@@ -1,4 +1,4 @@
-"""The quantization core imports torch/numpy only (DESIGN.md section 5)."""
+"""The quantization core imports torch/numpy only (docs/design.md §4)."""
 import ast
 import glob
 import os.path as osp
