@@ -94,6 +94,10 @@ def parse_args(argv=None):
                    help='quantized rows run for seeds SEED..SEED+N-1 '
                    '(calibration subset and stage-1 seed); tables show the '
                    'mean and range (default 1)')
+    p.add_argument('--publish', metavar='MD', default=None,
+                   help='also replace the generated block of this page (e.g. '
+                   'docs/results.md) with the new tables and copy the chart '
+                   'beside it')
     p.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
                    help='pipelines (det, cls) run at once; each stage process '
                    'uses OMP_NUM_THREADS threads (default 1), so 2 suits 2 '
@@ -103,6 +107,9 @@ def parse_args(argv=None):
         p.error(f'--jobs {args.jobs}: give 1 or more')
     if args.seeds < 1:
         p.error(f'--seeds {args.seeds}: give 1 or more')
+    if args.publish and not osp.isfile(args.publish):
+        p.error(f'--publish {args.publish}: no such file (it must hold the '
+                f'{BEGIN} / {END} markers)')
     return args
 
 
@@ -150,6 +157,8 @@ def main(argv=None) -> int:
         return 1
     results['wall_seconds'] = time.time() - t_all
     write_reports(results, args.work_dir, log)
+    if args.publish:
+        publish(args.work_dir, args.publish, log)
     log(f'demo finished in {results["wall_seconds"] / 60:.1f} min; '
         f'results in {args.work_dir}/results.md')
     return 0
@@ -438,6 +447,28 @@ def write_reports(results: dict, work_dir: str, log) -> None:
         json.dump(results, f, indent=1)
     plot(results, osp.join(work_dir, 'results.png'))
     log(f'wrote {work_dir}/results.{{md,json,png}}')
+
+
+BEGIN = '<!-- BEGIN tables written by tools/gplq_demo.py --publish -->'
+END = '<!-- END tables written by tools/gplq_demo.py --publish -->'
+
+
+def publish(work_dir: str, page: str, log) -> None:
+    """Replace the generated block of ``page`` with ``results.md`` and copy
+    ``results.png`` beside it; the hand-written text around stays."""
+    import shutil
+    text = open(page).read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f'gplq_demo: error: {page} has no {BEGIN} ... {END} '
+                         'block to replace')
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    tables = open(osp.join(work_dir, 'results.md')).read().strip()
+    with open(page, 'w') as f:
+        f.write(f'{head}{BEGIN}\n{tables}\n{END}{tail}')
+    shutil.copyfile(osp.join(work_dir, 'results.png'),
+                    osp.join(osp.dirname(page), 'results.png'))
+    log(f'published the tables to {page}')
 
 
 def plot(results: dict, path: str) -> None:

@@ -142,3 +142,22 @@ def test_rows_aggregate_seeds_as_mean_and_range(tmp_path):
     assert demo._fmt(row, 'top-1') == '81.500 [80.000, 83.000]'
     with pytest.raises(StageError, match='printed no accuracy/top1'):
         demo._row('x', {0: (Stage('s'), {}, str(ck))}, spec, 'cfg.py')
+
+
+def test_publish_replaces_only_the_generated_block(tmp_path):
+    demo = _demo_tool()
+    work = tmp_path / 'work'
+    work.mkdir()
+    (work / 'results.md').write_text('# new tables\n| a | 1 |\n')
+    (work / 'results.png').write_bytes(b'png')
+    page = tmp_path / 'docs' / 'results.md'
+    page.parent.mkdir()
+    page.write_text(f'intro\n{demo.BEGIN}\nold tables\n{demo.END}\nanalysis\n')
+    demo.publish(str(work), str(page), print)
+    text = page.read_text()
+    assert text == (f'intro\n{demo.BEGIN}\n# new tables\n| a | 1 |\n'
+                    f'{demo.END}\nanalysis\n')
+    assert (page.parent / 'results.png').read_bytes() == b'png'
+    page.write_text('no markers')
+    with pytest.raises(SystemExit, match='no <!-- BEGIN'):
+        demo.publish(str(work), str(page), print)
