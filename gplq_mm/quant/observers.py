@@ -104,6 +104,14 @@ class _Observer:
                 'layer.')
 
 
+def _comm_device() -> torch.device:
+    """Where the tensors of a collective must be: NCCL reduces CUDA tensors
+    only, gloo CPU tensors (the statistics are copied there and back)."""
+    if dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
 class MinMaxObserver(_Observer):
     """Running per-row min and max."""
 
@@ -124,13 +132,16 @@ class MinMaxObserver(_Observer):
     def sync(self) -> None:
         if not _dist_on():
             return
-        n = torch.tensor([self.num_batches], dtype=torch.float64)
+        dev = _comm_device()
+        n = torch.tensor([self.num_batches], dtype=torch.float64, device=dev)
         dist.all_reduce(n)
         if self.amin is None:  # this rank saw nothing: neutral elements
-            self.amin = torch.full((self.num_rows, ), float('inf'))
-            self.amax = torch.full((self.num_rows, ), float('-inf'))
-        dist.all_reduce(self.amin, op=dist.ReduceOp.MIN)
-        dist.all_reduce(self.amax, op=dist.ReduceOp.MAX)
+            self.amin = torch.full((self.num_rows, ), float('inf'), device=dev)
+            self.amax = torch.full((self.num_rows, ), float('-inf'), device=dev)
+        amin, amax = self.amin.to(dev), self.amax.to(dev)
+        dist.all_reduce(amin, op=dist.ReduceOp.MIN)
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+        self.amin, self.amax = amin, amax
         self.num_batches = int(n.item())
 
     def bounds(self):
@@ -175,7 +186,8 @@ class PercentileObserver(_Observer):
             b = self.bins
             # beyond log2(b) + 1 doublings every bin lands in b/2 - 1 or b/2
             s = steps[sel].clamp(max=b.bit_length())
-            i = torch.arange(b, dtype=torch.int64) - b // 2
+            i = torch.arange(b, dtype=torch.int64, device=self.hist.device) \
+                - b // 2
             new_idx = torch.div(i[None, :], (2**s)[:, None],
                                 rounding_mode='floor') + b // 2
             h = self.hist[sel]
@@ -183,24 +195,30 @@ class PercentileObserver(_Observer):
         self.exp = torch.maximum(self.exp, new_exp)
 
     def update(self, x: Tensor) -> None:
+        if self.hist.device != x.device:  # the state follows the data (GPU)
+            self.hist, self.exp = self.hist.to(x.device), self.exp.to(x.device)
         r = self._rows(x).double()
         self._grow(self._exp_for(r.abs().amax(dim=1)))
         width = torch.pow(2.0, self.exp.double() + 1) / self.bins  # 2R / bins
         # floor(v / w) is exact for power-of-two w; see the class docstring
         idx = torch.floor(r / width[:, None]).long() + self.bins // 2
         idx = idx.clamp_(0, self.bins - 1)
-        idx += torch.arange(self.num_rows)[:, None] * self.bins
+        idx += torch.arange(self.num_rows, device=idx.device)[:, None] * self.bins
         self.hist.view(-1).index_add_(
-            0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
+            0, idx.reshape(-1),
+            torch.ones(idx.numel(), dtype=torch.float64, device=idx.device))
 
     def sync(self) -> None:
         if not _dist_on():
             return
-        e = self.exp.clone()
+        dev = _comm_device()
+        e = self.exp.to(dev, copy=True)
         dist.all_reduce(e, op=dist.ReduceOp.MAX)
-        self._grow(e)
-        dist.all_reduce(self.hist)
-        n = torch.tensor([self.num_batches], dtype=torch.float64)
+        self._grow(e.to(self.exp.device))
+        h = self.hist.to(dev)
+        dist.all_reduce(h)
+        self.hist = h.to(self.hist.device)
+        n = torch.tensor([self.num_batches], dtype=torch.float64, device=dev)
         dist.all_reduce(n)
         self.num_batches = int(n.item())
 

@@ -45,8 +45,10 @@ def _calibrated(layer, x):
 def _fwd_bwd(layer, x):
     x = x.clone().requires_grad_(True)
     out = layer(x)
-    (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device)
-     .view_as(out)).sum().backward()
+    # a fixed positive upstream gradient: its row sums do not cancel, so
+    # float32 sums in another order agree to ~1e-6 relative
+    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * up.to(out.device)).sum().backward()
     grads = {n: p.grad for n, p in layer.named_parameters()}
     return out.detach(), x.grad, grads
 
@@ -54,6 +56,14 @@ def _fwd_bwd(layer, x):
 def _assert_same(cpu, gpu, rtol=1e-4, atol=1e-5):
     assert gpu.device.type == 'cuda'
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=rtol, atol=atol)
+
+
+def _assert_close_sum(cpu, gpu, tol=1e-5):
+    """Gradients summed over many rows (bias, weight, scale): the two devices
+    add in another order, so compare relative to the whole tensor's norm."""
+    assert gpu.device.type == 'cuda'
+    err = (gpu.cpu().double() - cpu.double()).norm() / cpu.double().norm()
+    assert err <= tol, f'relative error {err:.2e}'
 
 
 @pytest.mark.parametrize('rows', [7, 5000])  # 5000 x 96: several row chunks
@@ -68,7 +78,7 @@ def test_lsq_linear_cuda_matches_cpu(rows):
     _assert_same(out_c, out_g)
     _assert_same(gx_c, gx_g)
     for n in g_c:
-        _assert_same(g_c[n], g_g[n], rtol=1e-3, atol=1e-4)
+        _assert_close_sum(g_c[n], g_g[n])
     # the integer codes of the input are the same on both devices
     torch.testing.assert_close(gl.act_quant.codes(x.to(CUDA)).cpu(),
                                layer.act_quant.codes(x), rtol=0, atol=0)
@@ -85,7 +95,7 @@ def test_lsq_conv2d_cuda_matches_cpu():
     _assert_same(out_c, out_g)
     _assert_same(gx_c, gx_g)
     for n in g_c:
-        _assert_same(g_c[n], g_g[n], rtol=1e-3, atol=1e-4)
+        _assert_close_sum(g_c[n], g_g[n])
 
 
 @pytest.mark.parametrize('with_bias_mask', [False, True])
@@ -98,9 +108,10 @@ def test_quant_attention_cuda_matches_cpu(with_bias_mask):
     mask = (torch.randn(2, N, N) > 0).float() * -100. if with_bias_mask else None
 
     def run(dev):
-        ins = [t.to(dev).requires_grad_(True) for t in (q, k, v)]
-        sc = s.to(dev).requires_grad_(True)
-        b = None if bias is None else bias.to(dev).requires_grad_(True)
+        ins = [t.detach().to(dev).requires_grad_(True) for t in (q, k, v)]
+        sc = s.detach().to(dev).requires_grad_(True)
+        b = None if bias is None else \
+            bias.detach().to(dev).requires_grad_(True)
         out = quant_attention(
             *ins, d ** -0.5, (sc, -8, 7), (sc, -8, 7), (sc, -8, 7),
             ('log2', torch.tensor(1.0, device=dev), 4), bias=b,
@@ -111,8 +122,9 @@ def test_quant_attention_cuda_matches_cpu(with_bias_mask):
     out_c, g_c = run(torch.device('cpu'))
     out_g, g_g = run(CUDA)
     _assert_same(out_c, out_g)
-    for a, b in zip(g_c, g_g):
+    for a, b in zip(g_c[:3], g_g[:3]):
         _assert_same(a, b, rtol=1e-3, atol=1e-4)
+    _assert_close_sum(g_c[3], g_g[3])  # the scale: a sum over [B, h, d]
 
 
 def test_integer_layer_cuda_matches_cpu():
@@ -141,6 +153,7 @@ def test_observers_on_cuda(observer):
         obs_c.update(x)
         obs_g.update(x.to(CUDA))
     for a, b in zip(obs_c.bounds(), obs_g.bounds()):
+        assert b.device.type == 'cuda'
         torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-6)
 
 
