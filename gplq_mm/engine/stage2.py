@@ -29,10 +29,11 @@ from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
 from gplq_mm.ptq.export import (OutputFiles, Stage2Error, Stage2Options,
                                 add_gplq_import, atomic_write,
                                 calibration_record, imports_gplq,
-                                prepare_config, runner_model_cfg, sha256,
-                                state_bytes, write_text, write_w4a4)
+                                prepare_config, runner_model_cfg, state_bytes,
+                                write_text, write_w4a4)
 from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
 from gplq_mm.quant import NonFiniteError, iter_weight_quantizers
+from gplq_mm.utils import sha256
 
 
 def load_source(model, checkpoint: str, config_path: str,

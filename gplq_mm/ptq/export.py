@@ -10,7 +10,6 @@ report are, and how they are written); run end to end by
   self-check them by rebuilding the model from the written config;
 * :class:`OutputFiles`: what a run wrote, removed again if it fails.
 """
-import hashlib
 import io
 import os
 import os.path as osp
@@ -107,14 +106,6 @@ def prepare_out_dir(path: str, outputs: OutputFiles) -> None:
     except OSError as e:
         raise Stage2Error(f'--out-dir {path} is not writable ({e.strerror}); '
                           'choose another directory.') from None
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_bytes(sd) -> int:

@@ -61,3 +61,16 @@ def test_more_calibration_batches_than_the_dataset_has(deit_fp32, tmp_path):
     assert all(rec.initialized.values())
     for name, s in rec.calibrated.items():
         assert bool(torch.isfinite(s).all()) and bool((s > 0).all()), name
+
+
+def test_config_without_exact_resume_hook_is_warned(deit_fp32, tmp_path):
+    """A stage-1 config from before the resume hook was split out (only
+    GPLQSafeCheckpointHook) still trains, but the log says that --resume
+    would not be exact and how to fix the config."""
+    cfg = load_cfg(DEIT_GPLQ, tmp_path / 'work', load_from=deit_fp32[0])
+    cfg.default_hooks.pop('exact_resume')
+    cfg.train_dataloader.dataset.indices = 4
+    train(cfg)
+    text = log_text(str(tmp_path / 'work'))
+    assert 'GPLQExactResumeHook is not registered' in text
+    assert 'exact_resume=dict(type="GPLQExactResumeHook")' in text

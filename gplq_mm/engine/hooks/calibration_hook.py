@@ -20,6 +20,7 @@ from gplq_mm.models.mimic import (PCAAccumulator, capture_output,
 from gplq_mm.ptq.calib import ActCalibration
 from gplq_mm.quant import (NonFiniteError, QState, iter_act_quantizers,
                            set_act_state)
+from .exact_resume_hook import GPLQExactResumeHook
 from .safe_checkpoint_hook import GPLQSafeCheckpointHook
 
 TEACHER_KEY = 'gplq_teacher'
@@ -143,6 +144,15 @@ class GPLQCalibrationHook(Hook):
                 'Add dict(type="GPLQSafeCheckpointHook") to custom_hooks: '
                 'without it the checkpoints of this run hold mmengine objects '
                 'that torch.load(weights_only=True) in tools/test.py refuses.')
+        if not any(isinstance(h, GPLQExactResumeHook) for h in runner.hooks):
+            # configs written before the resume hook was split out list only
+            # GPLQSafeCheckpointHook: say so instead of resuming inexactly
+            logger.warning(
+                'GPLQ: GPLQExactResumeHook is not registered, so --resume from '
+                'a checkpoint saved inside an epoch restarts that epoch with '
+                'other random states (not bitwise exact). Add '
+                'default_hooks = dict(exact_resume=dict('
+                'type="GPLQExactResumeHook")) to the config.')
         if model.all_calibrated():
             logger.info('GPLQ: activation scales were loaded from the '
                         'checkpoint; skipping calibration.')
