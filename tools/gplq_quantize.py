@@ -47,6 +47,12 @@ def parse_args(argv=None):
                    help='ridge lambda of the QwT fit (the bias is not regularised)')
     p.add_argument('--clip-search', choices=['mse', 'minmax'], default='mse',
                    help='weight clipping range: MSE search over ratios, or abs-max')
+    p.add_argument('--fold', choices=['pow2', 'full'], default='pow2',
+                   help='pow2: split each activation scale into an integer shift '
+                   'of the codes and a factor folded into the weight (default); '
+                   'full: fold the whole activation scale into the weight')
+    p.add_argument('--max-shift', type=int, default=4,
+                   help='--fold pow2: largest code shift (4: shifted codes fit int8)')
     p.add_argument('--calib-pipeline', choices=['test', 'train'], default='test',
                    help='pipeline for calibration images (test: no random augmentation)')
     p.add_argument('--act-observer', choices=['percentile', 'minmax'],
@@ -112,7 +118,8 @@ def options(args):
         method=args.method, calib_images=args.calib_images,
         batch_size=args.batch_size, seed=args.seed, w_bits=args.w_bits,
         qwt=not args.no_qwt, qwt_lambda=args.qwt_lambda,
-        clip_search=args.clip_search, calib_pipeline=args.calib_pipeline,
+        clip_search=args.clip_search, fold=args.fold,
+        max_shift=args.max_shift, calib_pipeline=args.calib_pipeline,
         act_observer=args.act_observer,
         trust_checkpoint=args.trust_checkpoint)
 

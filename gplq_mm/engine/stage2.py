@@ -31,6 +31,7 @@ from gplq_mm.ptq.export import (OutputFiles, Stage2Error, Stage2Options,
                                 calibration_record, imports_gplq,
                                 prepare_config, runner_model_cfg, state_bytes,
                                 write_text, write_w4a4)
+from gplq_mm.ptq.convert import integer_fold
 from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
 from gplq_mm.quant import NonFiniteError, iter_weight_quantizers
 from gplq_mm.utils import sha256
@@ -132,16 +133,21 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
         check_finite_inputs(data, 'calibration')
         model.model.backbone(data['inputs'])
 
+    calib_seconds = 0.0
     try:
         if opts.method == 'repq':
             override_observers(model, opts.act_observer)
-            calibrate_activations(model, loader, full_forward, log)
+            t_cal = time.time()
+            calibrate_activations(model, loader, full_forward, log,
+                                  progress=is_main_process())
+            calib_seconds = time.time() - t_cal
 
         report = weight_ptq(model.model, lambda: loader, backbone_forward,
                             w_cfg, qwt=opts.qwt, lam=opts.qwt_lambda,
                             use_learned_scale=opts.method == 'qat',
                             logger=log,
-                            batch_ids=loader.batch_sampler.global_ids)
+                            batch_ids=loader.batch_sampler.global_ids,
+                            progress=is_main_process())
     except NonFiniteError as e:  # in the images (named) or inside the model
         raise Stage2Error(f'{e} Nothing was written.') from None
     kept: List[str] = [b.name for b in report.blocks if b.kept]
@@ -149,7 +155,10 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
 
     # -- outputs ---------------------------------------------------------------
     out_cfg = cfg.copy()
-    out_cfg.model.w4a4 = dict(w_bits=opts.w_bits, qwt_blocks=kept)
+    # the fold the integer layers were built with (--method qat: the one its
+    # weight quantizers trained on)
+    fold = integer_fold(model)
+    out_cfg.model.w4a4 = dict(w_bits=opts.w_bits, qwt_blocks=kept, fold=fold)
     out_cfg.load_from = None
     if not imports_gplq(out_cfg):  # the stock test.py needs it
         add_gplq_import(out_cfg)
@@ -157,7 +166,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     src_sd_bytes = state_bytes(sd)
     meta = dict(
         gplq=dict(method=opts.method, w_bits=opts.w_bits,
-                  a_bits=model.quant_cfg.act.bits, qwt=opts.qwt,
+                  a_bits=model.quant_cfg.act.bits, fold=fold, qwt=opts.qwt,
                   qwt_lambda=opts.qwt_lambda, qwt_blocks=kept,
                   calib_images=opts.calib_images, calib_seed=opts.seed,
                   calib_pipeline=opts.calib_pipeline,
@@ -186,7 +195,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                    integer_layers=len(integer_layers(model.model)),
                    qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
                    wall_seconds=time.time() - t_start,
-                   ptq_seconds=report.seconds,
+                   calib_seconds=calib_seconds, ptq_seconds=report.seconds,
                    peak_rss_mib=resource.getrusage(
                        resource.RUSAGE_SELF).ru_maxrss / 1024,
                    **sizes, report=report.to_dict())

@@ -127,8 +127,9 @@ def override_observers(model: nn.Module, observer: str,
 
 def search_folded_weight_scales(model: nn.Module) -> int:
     """(Re)search the weight scale of every fake-quantized weight on its
-    folded weight ``W diag(s)`` (direct-QAT baseline): only meaningful once
-    the activation scales ``s`` are calibrated.  Returns the count."""
+    folded weight ``W diag(t)`` (direct-QAT baseline; ``t``: the part of the
+    activation scale its ``fold`` folds): only meaningful once the
+    activation scales are calibrated.  Returns the count."""
     n = 0
     for _, m in model.named_modules():
         if isinstance(m, (QLinear, QConv2d)) and m.weight_quant is not None:
@@ -181,26 +182,39 @@ class ActCalibration:
     @torch.no_grad()
     def run(self, batches: Iterable, forward: Callable,
             state=QState.LEARNING,
-            log: Optional[Callable[[str], None]] = None) -> int:
+            log: Optional[Callable[[str], None]] = None,
+            progress: bool = False) -> int:
         """``begin``, ``forward(batch)`` for every batch, ``end(state)``;
-        returns the number of batches."""
+        returns the number of batches.  ``progress``: an mmengine
+        ``ProgressBar`` (count, ETA) instead of a log line per batch."""
         log = log or (lambda m: None)
         self.begin()
         t0, n = time.time(), 0
         total = len(batches) if hasattr(batches, '__len__') else '?'
+        bar = None
+        if progress:
+            from mmengine.utils import ProgressBar
+            log(f'activation calibration: {total} batches')
+            bar = ProgressBar(total if isinstance(total, int) else 0)
         for i, batch in enumerate(batches):
             forward(batch)
             n = i + 1
-            log(f'activation calibration: batch {n}/{total} '
-                f'({time.time() - t0:.1f}s)')
+            if bar is not None:
+                bar.update()
+            else:
+                log(f'activation calibration: batch {n}/{total} '
+                    f'({time.time() - t0:.1f}s)')
+        if bar is not None:
+            bar.file.write('\n')
         self.end(state)
+        log(f'activation calibration: {n} batches in {time.time() - t0:.1f}s')
         return n
 
 
 def calibrate_activations(model: nn.Module, loader, run: Callable,
                           log: Optional[Callable[[str], None]] = None,
-                          state=QState.FROZEN) -> int:
+                          state=QState.FROZEN, progress: bool = False) -> int:
     """PTQ calibration of every activation quantizer (FP32 upstream), in
     eval mode, ending in ``state`` (RepQ-ViT-style baseline)."""
     model.eval()
-    return ActCalibration(model).run(loader, run, state, log)
+    return ActCalibration(model).run(loader, run, state, log, progress)

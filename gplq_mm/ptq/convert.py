@@ -95,23 +95,38 @@ def float_layers(model: nn.Module, within: str = '') -> List[str]:
             if isinstance(m, (QLinear, QConv2d))]
 
 
+def integer_fold(model: nn.Module) -> str:
+    """The ``fold`` of a converted model's integer layers (``pow2`` if they
+    shift the activation codes, else ``full``): what ``w4a4.fold`` must say
+    for :func:`build_w4a4_structure` to rebuild them."""
+    return 'pow2' if any(getattr(m, 'input_shift', None) is not None
+                         for m in model.modules()) else 'full'
+
+
 def build_w4a4_structure(gplq_model: nn.Module, w_bits: int = 4,
-                         qwt_blocks: Iterable[str] = ()) -> None:
+                         qwt_blocks: Iterable[str] = (),
+                         fold: str = 'full') -> None:
     """Turn a freshly built GPLQModel into the W4A4 structure (empty values).
 
     Every QLinear/QConv2d becomes IntQLinear/IntQConv2d with the same input
-    quantizer; each block named in ``qwt_blocks`` gets a zero compensation
-    Linear.  The checkpoint written by stage 2 then fills every tensor.
+    quantizer (with per-input-channel code shifts if ``fold='pow2'``; W4A4
+    configs written before the option have no ``fold`` and mean ``'full'``);
+    each block named in ``qwt_blocks`` gets a zero compensation Linear.  The
+    checkpoint written by stage 2 then fills every tensor.
     """
+    if fold not in ('full', 'pow2'):
+        raise ValueError(f'w4a4.fold={fold!r}: the W4A4 config must say '
+                         '"pow2" or "full" (as written by gplq_quantize.py).')
+    shift = fold == 'pow2'
     model = gplq_model.model
     for name in float_layers(model):
         mod = model.get_submodule(name)
         if isinstance(mod, QLinear):
             new = IntQLinear(mod.in_features, mod.out_features,
                              mod.bias is not None, mod.act_quant.cfg, w_bits,
-                             name)
+                             name, shift=shift)
         else:
-            new = IntQConv2d(mod, mod.act_quant.cfg, w_bits, name)
+            new = IntQConv2d(mod, mod.act_quant.cfg, w_bits, name, shift=shift)
         model.set_submodule(name, new.to(mod.weight.device))
     blocks = dict(transformer_blocks(model))
     for name in qwt_blocks:

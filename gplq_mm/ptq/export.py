@@ -35,6 +35,8 @@ class Stage2Options:
     qwt: bool = True
     qwt_lambda: float = 1e-2
     clip_search: str = 'mse'
+    fold: str = 'pow2'  # WeightQuantConfig.fold
+    max_shift: int = 4
     calib_pipeline: str = 'test'
     act_observer: str = 'percentile'
     trust_checkpoint: bool = False
@@ -48,9 +50,11 @@ class Stage2Options:
             raise Stage2Error(f'--qwt-lambda {self.qwt_lambda}: the ridge '
                               'lambda must be >= 0.')
         try:
-            return WeightQuantConfig(bits=self.w_bits, search=self.clip_search)
+            return WeightQuantConfig(bits=self.w_bits, search=self.clip_search,
+                                     fold=self.fold, max_shift=self.max_shift)
         except ValueError as e:
-            raise Stage2Error(f'--w-bits {self.w_bits}: {e}') from None
+            raise Stage2Error(f'--w-bits {self.w_bits} --fold {self.fold} '
+                              f'--max-shift {self.max_shift}: {e}') from None
 
 
 class OutputFiles:

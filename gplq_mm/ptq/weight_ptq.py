@@ -65,6 +65,7 @@ class BlockReport:
     err_after: float
     rows: int
     exact: bool
+    seconds: float = 0.0  # conversion + QwT accumulation and fit
 
 
 @dataclass
@@ -181,7 +182,8 @@ def weight_ptq(model: nn.Module,
                lam: float = 1e-2,
                use_learned_scale: bool = False,
                logger: Optional[Callable[[str], None]] = None,
-               batch_ids: Optional[Sequence[int]] = None) -> PTQReport:
+               batch_ids: Optional[Sequence[int]] = None,
+               progress: bool = False) -> PTQReport:
     """Quantize the weights of a calibrated W32A4 ``model`` in place.
 
     Args:
@@ -201,6 +203,8 @@ def weight_ptq(model: nn.Module,
             pass the indices of this process's share of the global batches
             (``build_calib_loader(...).batch_sampler.global_ids``); the sums
             are all-reduced, so every process fits on all batches.
+        progress: Show a progress bar (count, ETA) over the calibration
+            batches of each QwT block (mmengine ``ProgressBar``, stdout).
     """
     log = logger or (lambda msg: None)
     t0 = time.time()
@@ -214,6 +218,7 @@ def weight_ptq(model: nn.Module,
     # only where the width or the rows per batch grow)
     scratch = QwTScratch()
     for bi, (bname, block) in enumerate(blocks):
+        tb = time.time()
         # everything this block keeps is allocated before its first batch:
         # its FP32 copy, its integer layers, its QwT sums
         fp_block = copy.deepcopy(block) if qwt else None
@@ -229,7 +234,10 @@ def weight_ptq(model: nn.Module,
             [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
         release_heap()  # the previous block's garbage and conversion temps
         i = -1
-        for i, batch in enumerate(batches()):
+        source = batches()
+        bar = _progress_bar(source, f'QwT block {bi + 1}/{len(blocks)} '
+                            f'{bname}', log) if progress else None
+        for i, batch in enumerate(source):
             g = i if batch_ids is None else _global_id(batch_ids, i)
             args, kwargs = _block_inputs(model, block, run, batch)
             del batch
@@ -253,6 +261,10 @@ def weight_ptq(model: nn.Module,
             sums[g % 2].update(x, res)  # even: fit, odd: held out
             del args, kwargs, x, res
             release_heap()  # ... and theirs before the next prefix forward
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.file.write('\n')
         if batch_ids is not None and i + 1 != len(batch_ids):
             raise ValueError(f'weight_ptq: batch_ids has {len(batch_ids)} '
                              f'entries but batches() gave {i + 1} batches.')
@@ -266,9 +278,10 @@ def weight_ptq(model: nn.Module,
             attach_qwt(block, fit.weight, fit.bias)
         report.blocks.append(BlockReport(bname, fit.kept, fit.r2,
                                          fit.err_before, fit.err_after, fit.n,
-                                         fit.exact))
+                                         fit.exact, time.time() - tb))
         log(f'QwT block {bi + 1}/{len(blocks)} {bname}: '
-            f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f}')
+            f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f} '
+            f'({time.time() - tb:.1f}s)')
         del fp_block, sums, fit
     del scratch
     release_heap()
@@ -277,6 +290,15 @@ def weight_ptq(model: nn.Module,
         raise RuntimeError(f'layers left unconverted: {remaining[:5]}')
     report.seconds = time.time() - t0
     return report
+
+
+def _progress_bar(batches, title: str, log: Callable[[str], None]):
+    """An mmengine ``ProgressBar`` over ``batches`` (count and ETA when the
+    number of batches is known), announced by a log line."""
+    from mmengine.utils import ProgressBar
+    total = len(batches) if hasattr(batches, '__len__') else 0
+    log(f'{title}: {total or "?"} calibration batches')
+    return ProgressBar(total)
 
 
 def _global_id(batch_ids: Sequence[int], i: int) -> int:

@@ -12,7 +12,8 @@ from .int4 import pack_int4, unpack_int4
 from .kernels import lsq_conv2d, lsq_linear, quant_attention
 from .modules import (IntQConv2d, IntQLinear, QConv2d, QLinear,
                       fold_and_quantize_weight, to_integer)
-from .observers import MinMaxObserver, PercentileObserver, build_observer
+from .observers import (MinMaxObserver, MSEObserver, PercentileObserver,
+                        build_observer)
 from .quantizer import (ActQuantizer, QState, WeightQuantizer,
                         all_act_calibrated, iter_act_quantizers,
                         iter_weight_quantizers, set_act_state)
@@ -25,6 +26,7 @@ __all__ = [
     'quantize', 'search_weight_scale',
     'pack_int4', 'unpack_int4', 'QLinear', 'QConv2d', 'IntQLinear',
     'IntQConv2d', 'fold_and_quantize_weight', 'to_integer', 'MinMaxObserver',
+    'MSEObserver',
     'PercentileObserver', 'build_observer', 'ActQuantizer', 'QState',
     'WeightQuantizer', 'iter_act_quantizers', 'iter_weight_quantizers',
     'all_act_calibrated', 'set_act_state', 'QwTSums',

@@ -270,6 +270,28 @@ def fake_quantize_log2(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     return _Log2FakeQuant.apply(x, scale.detach(), bits)
 
 
+def split_pow2(scale: Tensor, max_shift: int):
+    """Split per-channel activation scales into ``t * 2^e`` (exactly).
+
+    ``e`` are integer shifts in ``[0, max_shift]``, anchored at the largest
+    scale: ``e = round(log2(s / (max(s) / 2^max_shift)))``, clamped.  A code
+    ``q`` of channel c then equals ``(q << e_c) * t_c``; the shift is an exact
+    integer op and only ``t`` (within a factor sqrt(2) of
+    ``max(s) / 2^max_shift`` for every channel not clamped at 0) is folded into
+    the weight.  Channels ``2^max_shift`` times below the largest keep their
+    whole scale in ``t``.
+
+    Returns:
+        ``(t, e)``: float tensors shaped like ``scale`` (``e`` holds integers).
+    """
+    s = scale.detach().float().clamp_min(MIN_SCALE)
+    if max_shift == 0 or s.numel() == 1:
+        return s, torch.zeros_like(s)
+    ref = s.max() / 2.0**max_shift
+    e = torch.log2(s / ref).round_().clamp_(0, max_shift)
+    return s / torch.exp2(e), e
+
+
 def search_weight_scale(weight: Tensor, qmin: int, qmax: int, axis: int = 0,
                         min_ratio: float = 0.5,
                         num_candidates: int = 51) -> Tensor:

@@ -4,10 +4,12 @@
   by a :class:`WeightQuantizer`) with a fake-quantized input.  Stage 1
   (Act-QAT, W32A4) and the direct-W4A4-QAT baseline.
 * :class:`IntQLinear`, :class:`IntQConv2d`: the deployable W4A4 form written by
-  stage 2.  The input's per-channel activation scale ``s`` is folded into the
-  weight (``W' = W diag(s)``), ``W'`` is quantized per output channel to codes
-  ``Wc`` with scale ``d``, and ``y = d * (Xc @ Wc^T) + b`` where ``Xc`` are the
-  activation codes: an integer GEMM (simulated in float, exactly, since the
+  stage 2.  The input's per-channel activation scale is split as
+  ``s = t * 2^e`` (``WeightQuantConfig.fold``; ``fold='full'``: ``t = s``,
+  ``e = 0``), ``t`` is folded into the weight (``W' = W diag(t)``), ``W'`` is
+  quantized per output channel to codes ``Wc`` with scale ``d``, and
+  ``y = d * ((Xc << e) @ Wc^T) + b`` where ``Xc`` are the activation codes: an
+  integer shift and an integer GEMM (simulated in float, exactly, since the
   sums stay far below 2^24) followed by one per-output-channel rescale.
 """
 import dataclasses
@@ -169,8 +171,9 @@ def _input_scale_for_weight(act_scale: Tensor, weight_shape) -> Tensor:
 def _folded_fake_weight(mod) -> Tensor:
     """Weight as the integer layer will see it (direct-W4A4-QAT baseline).
 
-    The weight quantizer acts on the *folded* weight ``W diag(s)`` (s: the
-    input's activation scale), exactly the grid :func:`to_integer` uses, so a
+    The weight quantizer acts on the *folded* weight ``W diag(t)`` (t: the part
+    of the input's activation scale that ``cfg.fold`` folds), exactly the grid
+    :func:`to_integer` uses, so a
     model trained this way converts to integer form without a new rounding.
     Gradients reach W, the weight scale and the activation scale.
     """
@@ -179,8 +182,12 @@ def _folded_fake_weight(mod) -> Tensor:
     aq = mod.act_quant
     if aq is None or not bool(aq.initialized):
         return mod.weight_quant(mod.weight)
-    s = _input_scale_for_weight(aq.scale.clamp_min(QF.MIN_SCALE),
-                                mod.weight.shape)
+    s = aq.scale.clamp_min(QF.MIN_SCALE)
+    cfg = mod.weight_quant.cfg
+    if cfg.fold == 'pow2':
+        # the shifts are piecewise constant in s: the gradient flows through t
+        s = s / torch.exp2(QF.split_pow2(s, cfg.max_shift)[1])
+    s = _input_scale_for_weight(s, mod.weight.shape)
     return mod.weight_quant(mod.weight * s) / s
 
 
@@ -193,17 +200,23 @@ def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
         weight: ``[out, in, ...]`` FP32 weight.
         act_scale: ``[in]`` (or scalar) activation scale of the layer input
             (all input channels; grouped convolutions are handled).
-        cfg: Weight quantizer config (per output channel, axis 0).
-
+        cfg: Weight quantizer config (per output channel, axis 0); ``cfg.fold``
+            says which part ``t`` of the activation scale is folded (the rest,
+            ``2^shift``, shifts the activation codes).
         scale: A per-output-channel scale to use instead of searching one
             (e.g. learned by the direct-QAT baseline on the folded weight).
 
     Returns:
-        ``(codes, scale)``: integer codes (float tensor, same shape as weight)
-        and the per-output-channel scale ``[out]`` of ``W' = W diag(s)``.
+        ``(codes, scale, shift)``: integer codes (float tensor, same shape as
+        weight), the per-output-channel scale ``[out]`` of ``W' = W diag(t)``
+        and the per-input-channel shift ``e`` (shaped like ``act_scale``).
     """
     s = act_scale.detach().float().clamp_min(QF.MIN_SCALE)  # as in codes()
-    folded = weight.detach().float() * _input_scale_for_weight(s, weight.shape)
+    if cfg.fold == 'pow2':
+        t, shift = QF.split_pow2(s, cfg.max_shift)
+    else:
+        t, shift = s, torch.zeros_like(s)
+    folded = weight.detach().float() * _input_scale_for_weight(t, weight.shape)
     if scale is None:
         n = 1 if cfg.search == 'minmax' else cfg.num_candidates
         scale = QF.search_weight_scale(folded, cfg.qmin, cfg.qmax, 0,
@@ -212,15 +225,22 @@ def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
         scale = scale.detach().float().clamp_min(QF.MIN_SCALE)
     codes = QF.quantize(folded, QF.scale_view(scale, folded.ndim, 0), cfg.qmin,
                         cfg.qmax)
-    return codes, scale
+    return codes, scale, shift
 
 
 class _IntWeightMixin:
     """Packed int4 (or int8 for other bit widths) weight codes + scales."""
 
-    def _init_int_weight(self, shape, bits: int):
+    def _init_int_weight(self, shape, bits: int, shift: bool = False):
         self.w_bits = bits
         self.weight_shape = tuple(shape)
+        # per-input-channel left shift of the activation codes (fold='pow2');
+        # absent for fold='full', so checkpoints written before it load
+        if shift:
+            self.register_buffer('input_shift', torch.zeros(
+                self.act_quant.scale.numel(), dtype=torch.uint8))
+        else:
+            self.input_shift = None
         flat = int(torch.Size(shape[1:]).numel())
         if bits <= 4:
             packed = torch.zeros(shape[0], (flat + 1) // 2, dtype=torch.uint8)
@@ -229,7 +249,15 @@ class _IntWeightMixin:
         self.register_buffer('weight_packed', packed)
         self.register_buffer('weight_scale', torch.ones(shape[0]))
 
-    def set_weight_codes(self, codes: Tensor, scale: Tensor) -> None:
+    def set_weight_codes(self, codes: Tensor, scale: Tensor,
+                         shift: Optional[Tensor] = None) -> None:
+        if shift is not None and bool((shift != 0).any()):
+            if self.input_shift is None:
+                raise ValueError('this integer layer was built without input '
+                                 'shifts (fold="full"); got non-zero shifts.')
+        if self.input_shift is not None:
+            self.input_shift.copy_(torch.zeros_like(self.input_shift)
+                                   if shift is None else shift.reshape(-1))
         flat = codes.reshape(codes.shape[0], -1)
         if self.w_bits <= 4:
             self.weight_packed.copy_(pack_int4(flat))
@@ -254,14 +282,25 @@ class _IntWeightMixin:
         w = self.weight_codes() * QF.scale_view(self.weight_scale, len(
             self.weight_shape), 0)
         s = self.act_quant.scale.detach().clamp_min(QF.MIN_SCALE)
+        if self.input_shift is not None:
+            s = s / torch.exp2(self.input_shift.to(s.dtype)).reshape(s.shape)
         return w / _input_scale_for_weight(s, self.weight_shape)
+
+    def shifted_codes(self, x: Tensor, axis: int) -> Tensor:
+        """Activation codes of ``x``, shifted left by ``input_shift``."""
+        xc = self.act_quant.codes(x)
+        if self.input_shift is None:
+            return xc
+        mult = torch.exp2(self.input_shift.to(xc.dtype))
+        return xc.mul_(QF.scale_view(mult, xc.ndim, axis))
 
 
 class IntQLinear(_IntWeightMixin, nn.Module):
-    """W4A4 Linear: ``y = d * (Xc @ Wc^T) + b`` (see module docstring)."""
+    """W4A4 Linear: ``y = d * ((Xc << e) @ Wc^T) + b`` (module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 act_cfg: QuantConfig, w_bits: int = 4, name: str = ''):
+                 act_cfg: QuantConfig, w_bits: int = 4, name: str = '',
+                 shift: bool = False):
         super().__init__()
         if act_cfg.granularity == 'per_token' or act_cfg.kind != 'uniform':
             raise ValueError(f'{name}: integer layers need a uniform per-channel '
@@ -270,12 +309,12 @@ class IntQLinear(_IntWeightMixin, nn.Module):
         self.act_quant = ActQuantizer(act_cfg, _act_channels(act_cfg, in_features),
                                       f'{name}.act_quant')
         self.act_quant.set_state(QState.FROZEN)
-        self._init_int_weight((out_features, in_features), w_bits)
+        self._init_int_weight((out_features, in_features), w_bits, shift)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         self.act_quant.check_ready(x)
-        xc = self.act_quant.codes(x)
+        xc = self.shifted_codes(x, -1)
         y = F.linear(xc, self.weight_codes()).mul_(self.weight_scale)
         if self.bias is not None:
             y = y.add_(self.bias)
@@ -290,7 +329,7 @@ class IntQConv2d(_IntWeightMixin, nn.Module):
     """W4A4 Conv2d: integer convolution of activation codes and weight codes."""
 
     def __init__(self, conv: nn.Conv2d, act_cfg: QuantConfig, w_bits: int = 4,
-                 name: str = ''):
+                 name: str = '', shift: bool = False):
         super().__init__()
         if act_cfg.granularity == 'per_token' or act_cfg.kind != 'uniform':
             raise ValueError(f'{name}: integer layers need a uniform per-channel '
@@ -306,13 +345,13 @@ class IntQConv2d(_IntWeightMixin, nn.Module):
         self.act_quant = ActQuantizer(
             act_cfg, _act_channels(act_cfg, conv.in_channels), f'{name}.act_quant')
         self.act_quant.set_state(QState.FROZEN)
-        self._init_int_weight(tuple(conv.weight.shape), w_bits)
+        self._init_int_weight(tuple(conv.weight.shape), w_bits, shift)
         self.bias = nn.Parameter(torch.zeros(conv.out_channels)) \
             if conv.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         self.act_quant.check_ready(x)
-        xc = self.act_quant.codes(x)
+        xc = self.shifted_codes(x, 1)
         y = F.conv2d(xc, self.weight_codes(), None, self.stride, self.padding,
                      self.dilation, self.groups)
         y = y.mul_(self.weight_scale.reshape(1, -1, 1, 1))
@@ -330,7 +369,8 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
     """Convert a calibrated :class:`QLinear`/:class:`QConv2d` to its integer form.
 
     The activation quantizer (scale, state) is carried over; the weight is
-    folded with the activation scale and quantized per output channel, with a
+    folded with (part of, ``w_cfg.fold``) the activation scale and quantized
+    per output channel, with a
     searched clipping range or, with ``use_learned_scale``, the scale the
     layer's weight quantizer learned (direct-QAT baseline: then the integer
     layer computes exactly what the trained fake-quant layer computed).
@@ -339,14 +379,6 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
     if aq is None or not bool(aq.initialized):
         raise RuntimeError(f'{name}: the input quantizer must be calibrated '
                            'before the weights are quantized (stage 1 first).')
-    if isinstance(mod, QLinear):
-        out = IntQLinear(mod.in_features, mod.out_features, mod.bias is not None,
-                         aq.cfg, w_cfg.bits, name)
-    elif isinstance(mod, QConv2d):
-        out = IntQConv2d(mod, aq.cfg, w_cfg.bits, name)
-    else:
-        raise TypeError(f'{name}: cannot convert {type(mod).__name__}')
-    out.act_quant.load_state_dict(aq.state_dict())
     learned = None
     if use_learned_scale:
         wq = mod.weight_quant
@@ -357,8 +389,21 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
             raise ValueError(f'{name}: learned weight scale is for '
                              f'{wq.cfg.bits} bits, asked for {w_cfg.bits}.')
         learned = wq.scale
-    codes, scale = fold_and_quantize_weight(mod.weight, aq.scale, w_cfg, learned)
-    out.set_weight_codes(codes, scale)
+        # the learned scale belongs to the grid the layer trained on
+        w_cfg = dataclasses.replace(w_cfg, fold=wq.cfg.fold,
+                                    max_shift=wq.cfg.max_shift)
+    shift = w_cfg.fold == 'pow2'
+    if isinstance(mod, QLinear):
+        out = IntQLinear(mod.in_features, mod.out_features, mod.bias is not None,
+                         aq.cfg, w_cfg.bits, name, shift=shift)
+    elif isinstance(mod, QConv2d):
+        out = IntQConv2d(mod, aq.cfg, w_cfg.bits, name, shift=shift)
+    else:
+        raise TypeError(f'{name}: cannot convert {type(mod).__name__}')
+    out.act_quant.load_state_dict(aq.state_dict())
+    codes, scale, e = fold_and_quantize_weight(mod.weight, aq.scale, w_cfg,
+                                               learned)
+    out.set_weight_codes(codes, scale, e)
     if mod.bias is not None:
         out.bias.data.copy_(mod.bias.detach())
     return out.to(mod.weight.device)

@@ -2,9 +2,10 @@
 
 For every IntQLinear / IntQConv2d of a converted tiny model (inputs captured
 during a real forward), the output must equal an explicit integer GEMM of the
-activation codes and the unpacked int4 weight codes (int64 arithmetic), times
-the per-output-channel weight scale, plus the bias:
-``y = d * (Xc @ Wc^T) + b``.  The packed format is decoded here
+activation codes, shifted left per input channel (``fold='pow2'``), and the
+unpacked int4 weight codes (int64 arithmetic), times the per-output-channel
+weight scale, plus the bias: ``y = d * ((Xc << e) @ Wc^T) + b``; the shifted
+4-bit codes fit int8.  The packed format is decoded here
 independently of the library (low nibble first, two's complement).
 """
 import pytest
@@ -36,7 +37,19 @@ def act_codes(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def int_reference(layer, x: torch.Tensor) -> torch.Tensor:
-    xc = act_codes(layer, x)
+    codes = act_codes(layer, x)
+    xc = codes
+    if layer.input_shift is not None:  # fold='pow2' (the default)
+        e = layer.input_shift.to(torch.int64)
+        assert int(e.min()) >= 0 and int(e.max()) <= 4
+        if e.numel() > 1:
+            shape = [1] * x.ndim
+            shape[layer.act_quant.cfg.axis] = -1
+            e = e.reshape(shape)
+        xc = codes << e
+        # int(bits + 4): an int8 GEMM for the 4-bit inputs
+        lim = 2**(layer.act_quant.cfg.bits - 1 + 4)
+        assert -lim <= int(xc.min()) and int(xc.max()) < lim
     k = int(torch.Size(layer.weight_shape[1:]).numel())
     wc = unpack_nibbles(layer.weight_packed, k)  # int64 [out, k]
     assert int(wc.min()) >= -8 and int(wc.max()) <= 7
@@ -60,7 +73,7 @@ def int_reference(layer, x: torch.Tensor) -> torch.Tensor:
             layer.bias.double().reshape(1, -1, 1, 1)
     # float32 simulation of the integer GEMM is exact below 2^24
     assert int(acc.abs().max()) < 2**24
-    return acc.double() * d + b, xc
+    return acc.double() * d + b, codes
 
 
 @pytest.mark.parametrize('case', ['cls', 'det'])

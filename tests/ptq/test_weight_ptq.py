@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gplq_mm.ptq import build_w4a4_structure, transformer_blocks
-from gplq_mm.ptq.convert import QwTMixin, float_layers
+from gplq_mm.ptq.convert import QwTMixin, float_layers, integer_fold
 from gplq_mm.ptq.weight_ptq import integer_layers
 from gplq_mm.quant import (IntQConv2d, IntQLinear, QConv2d, QLinear,
                            WeightQuantConfig)
@@ -78,7 +78,9 @@ def test_w8_stores_int8_codes(cls_case):
 def test_w4a4_structure_matches_converted_state_dict(converted, make_model):
     case, model, report = converted
     kept = kept_blocks(report)
-    fresh = make_model(case.cfg, w4a4=dict(w_bits=4, qwt_blocks=kept))
+    assert integer_fold(model.model) == 'pow2'  # the default
+    fresh = make_model(case.cfg, w4a4=dict(w_bits=4, qwt_blocks=kept,
+                                           fold='pow2'))
     got = fresh.state_dict()
     ref = model.state_dict()
     assert set(got) == set(ref)
@@ -105,6 +107,14 @@ def test_build_w4a4_structure_in_place(det_case, make_model):
     assert isinstance(fresh.model.get_submodule(names[0]), QwTMixin)
     assert not any(isinstance(fresh.model.get_submodule(n), QwTMixin)
                    for n in names[1:])
+    # W4A4 configs written before --fold have no `fold`: 'full', no shifts,
+    # so their checkpoints load with the keys they have
+    assert integer_fold(fresh.model) == 'full'
+    shifted = make_model(det_case.cfg)
+    build_w4a4_structure(shifted, w_bits=4, fold='pow2')
+    assert integer_fold(shifted.model) == 'pow2'
+    with pytest.raises(ValueError, match='w4a4.fold'):
+        build_w4a4_structure(make_model(det_case.cfg), fold='half')
     with pytest.raises(ValueError, match='not a transformer block'):
         build_w4a4_structure(make_model(det_case.cfg),
                              qwt_blocks=['backbone.stages.9.blocks.0'])

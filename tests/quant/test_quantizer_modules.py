@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gplq_mm.quant import functional as QF
 from gplq_mm.quant import (ActQuantizer, IntQConv2d, IntQLinear, QConv2d,
                            QLinear, QState, QuantConfig, WeightQuantConfig,
                            WeightQuantizer, set_act_state, to_integer,
@@ -37,7 +38,7 @@ def test_bad_bits(bits):
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(granularity='per_row'), "granularity='per_row' is unknown"),
-    (dict(observer='mse'), "observer='mse' is unknown"),
+    (dict(observer='kl'), "observer='kl' is unknown"),
     (dict(kind='log10'), "kind='log10' is unknown"),
     (dict(percentile=(-1, 99)), 'percentile'),
     (dict(percentile=(1, 100.5)), 'percentile'),
@@ -364,13 +365,14 @@ def test_qconv2d_shares_parameters_and_round_trips():
 # --------------------------------------------------------------------------
 # integer execution
 # --------------------------------------------------------------------------
+@pytest.mark.parametrize('fold', ['pow2', 'full'])
 @pytest.mark.parametrize('gran', ['per_channel', 'per_tensor'])
 @pytest.mark.parametrize('bias', [True, False])
-def test_int_qlinear_equals_integer_matmul_and_fake_quant(gran, bias):
+def test_int_qlinear_equals_integer_matmul_and_fake_quant(gran, bias, fold):
     lin = nn.Linear(16, 5, bias=bias)
     q = QLinear.from_float(lin, QuantConfig(granularity=gran))
     calibrate_module(q, torch.randn(32, 16) * torch.linspace(0.1, 3, 16))
-    iq = to_integer(q, WeightQuantConfig(bits=4))
+    iq = to_integer(q, WeightQuantConfig(bits=4, fold=fold))
     assert isinstance(iq, IntQLinear)
     assert iq.weight_packed.dtype == torch.uint8
     assert iq.weight_packed.shape == (5, 8)
@@ -381,6 +383,15 @@ def test_int_qlinear_equals_integer_matmul_and_fake_quant(gran, bias):
     # (a) integer GEMM computed here, independently, in int64
     s_act = q.act_quant.scale.detach()
     codes_x = torch.clamp(torch.round(x / s_act), -8, 7).to(torch.int64)
+    if fold == 'pow2':
+        shift = iq.input_shift.to(torch.int64)
+        # a 30x range of channel scales: 4 octaves of shifts (all channels
+        # for per-channel input scales, none for a per-tensor one)
+        assert int(shift.max()) == (4 if gran == 'per_channel' else 0)
+        codes_x = codes_x << shift  # integer shift: int8 GEMM input
+        assert codes_x.min() >= -128 and codes_x.max() <= 127
+    else:
+        assert iq.input_shift is None
     codes_w = unpack_int4(iq.weight_packed, 16).to(torch.int64)
     assert codes_w.min() >= -8 and codes_w.max() <= 7
     assert codes_w.abs().max() >= 7  # the grid is used
@@ -405,7 +416,8 @@ def test_weight_folding_within_one_step():
     s_act = q.act_quant.scale.detach()
     w = lin.weight.detach()
     for search in ('minmax', 'mse'):
-        iq = to_integer(q, WeightQuantConfig(bits=4, search=search))
+        iq = to_integer(q, WeightQuantConfig(bits=4, search=search,
+                                             fold='full'))
         d = iq.weight_scale[:, None]
         folded = w * s_act  # W diag(s)
         codes = iq.weight_codes()
@@ -437,19 +449,64 @@ def test_int_qlinear_8bit_weights():
     torch.testing.assert_close(iq(x), q(x), rtol=0.05, atol=0.05)
 
 
-def test_int_qlinear_state_dict_round_trip():
+@pytest.mark.parametrize('fold', ['pow2', 'full'])
+def test_int_qlinear_state_dict_round_trip(fold):
     lin = nn.Linear(8, 4)
     q = calibrate_module(QLinear.from_float(lin, QuantConfig()),
-                         torch.randn(16, 8))
-    iq = to_integer(q, WeightQuantConfig())
-    assert set(iq.state_dict()) == {
-        'weight_packed', 'weight_scale', 'bias', 'act_quant.scale',
-        'act_quant.initialized'
-    }
-    fresh = IntQLinear(8, 4, True, QuantConfig())
+                         torch.randn(16, 8) * torch.linspace(0.1, 4, 8))
+    iq = to_integer(q, WeightQuantConfig(fold=fold))
+    keys = {'weight_packed', 'weight_scale', 'bias', 'act_quant.scale',
+            'act_quant.initialized'}
+    # fold='full' layers keep the keys of checkpoints written before 'pow2'
+    assert set(iq.state_dict()) == (keys | {'input_shift'} if fold == 'pow2'
+                                    else keys)
+    fresh = IntQLinear(8, 4, True, QuantConfig(), shift=fold == 'pow2')
     fresh.load_state_dict(iq.state_dict())
     x = torch.randn(5, 8)
     assert torch.equal(fresh(x), iq(x))
+    if fold == 'pow2':  # a layer built without shifts refuses them
+        with pytest.raises(RuntimeError, match='input_shift'):
+            IntQLinear(8, 4, True, QuantConfig()).load_state_dict(
+                iq.state_dict())
+
+
+def test_split_pow2_is_exact_and_bounded():
+    s = torch.tensor([3e-4, 0.01, 0.02, 0.05, 0.3, 1.0, 2.9])
+    t, e = QF.split_pow2(s, 4)
+    assert torch.equal(t * torch.exp2(e), s)  # exact: only the exponent moves
+    assert torch.equal(e, e.round()) and e.min() >= 0 and e.max() == 4
+    ref = s.max() / 16
+    free = e > 0  # not clamped at 0: t within sqrt(2) of the anchor
+    assert ((t[free] / ref).log2().abs() <= 0.5 + 1e-6).all()
+    assert torch.equal(t[~free], s[~free])  # far below: nothing shifted
+    t0, e0 = QF.split_pow2(s, 0)
+    assert torch.equal(t0, s) and not e0.any()
+    t1, e1 = QF.split_pow2(torch.tensor([0.7]), 4)
+    assert torch.equal(t1, torch.tensor([0.7])) and not e1.any()
+
+
+def test_pow2_fold_keeps_weight_precision_under_outlier_channels():
+    # Activation outlier channels (12x the others' range; 28x in the DINOv2
+    # layer-0 fc1 input) with weights independent of them: folding the whole
+    # scale lets the outlier columns set every row's range and rounds the
+    # other columns away; the shifts keep the weight error of W itself.
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    chan = torch.ones(64)
+    chan[:4] = 12.0
+    q = calibrate_module(QLinear.from_float(lin, QuantConfig()),
+                         torch.randn(256, 64) * chan)
+    w = lin.weight.detach()
+
+    def rel(fold):
+        iq = to_integer(q, WeightQuantConfig(fold=fold))
+        return float((iq.dequantized_weight() - w).norm() / w.norm())
+
+    plain = QF.search_weight_scale(w, -8, 7)
+    direct = float((QF.fake_quantize(w, plain[:, None], -8, 7) - w).norm() /
+                   w.norm())
+    assert rel('pow2') < 1.5 * direct
+    assert rel('full') > 3 * rel('pow2')
 
 
 def test_to_integer_needs_calibration():
@@ -458,13 +515,14 @@ def test_to_integer_needs_calibration():
         to_integer(q, WeightQuantConfig())
 
 
+@pytest.mark.parametrize('fold', ['pow2', 'full'])
 @pytest.mark.parametrize('gran', ['per_channel', 'per_tensor'])
-def test_int_qconv2d_equals_integer_conv_and_fake_quant(gran):
+def test_int_qconv2d_equals_integer_conv_and_fake_quant(gran, fold):
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
     q = QConv2d.from_float(conv, QuantConfig(granularity=gran))
     x0 = torch.randn(4, 3, 9, 9) * torch.tensor([0.5, 1.0, 3.0])[:, None, None]
     calibrate_module(q, x0)
-    iq = to_integer(q, WeightQuantConfig(bits=4))
+    iq = to_integer(q, WeightQuantConfig(bits=4, fold=fold))
     assert isinstance(iq, IntQConv2d)
     x = torch.randn(2, 3, 9, 9)
     y = iq(x)
@@ -472,6 +530,10 @@ def test_int_qconv2d_equals_integer_conv_and_fake_quant(gran):
     s = q.act_quant.scale.detach()
     s = s.reshape(1, 3, 1, 1) if s.numel() > 1 else s.reshape(())
     codes_x = torch.clamp(torch.round(x / s), -8, 7)
+    if fold == 'pow2':
+        e = iq.input_shift.to(torch.int64)
+        assert int(e.max()) == (4 if gran == 'per_channel' else 0)
+        codes_x = (codes_x.to(torch.int64) << e.reshape(-1, 1, 1)).double()
     cols = F.unfold(codes_x.double(), 3, padding=1, stride=2).to(torch.int64)
     codes_w = unpack_int4(iq.weight_packed, 27).to(torch.int64)  # [4, 27]
     assert codes_w.min() >= -8 and codes_w.max() <= 7
@@ -491,7 +553,7 @@ def test_int_qconv2d_grouped(cin, cout, groups):
     q = QConv2d.from_float(conv, QuantConfig())
     scales = torch.linspace(0.2, 4, cin)[:, None, None]
     calibrate_module(q, torch.randn(4, cin, 6, 6) * scales)
-    iq = to_integer(q, WeightQuantConfig(bits=4, search='minmax'))
+    iq = to_integer(q, WeightQuantConfig(bits=4, search='minmax', fold='full'))
     x = torch.randn(2, cin, 6, 6) * scales
     y = iq(x)
     # folding: output channel o only sees the scales of its own group
@@ -514,3 +576,31 @@ def test_int_qconv2d_grouped(cin, cout, groups):
     with torch.no_grad():
         rel = (y - q(x)).norm() / q(x).norm()
     assert rel < 0.2  # close to the W32A4 layer
+
+
+@pytest.mark.parametrize('fold', ['pow2', 'full'])
+def test_direct_qat_layer_converts_to_the_same_integer_layer(fold):
+    """Direct W4A4 QAT trains its weight quantizer on the grid the integer
+    layer uses (the same fold): after training steps that move the activation
+    and weight scales, to_integer(use_learned_scale=True) computes what the
+    fake-quantized layer computed."""
+    torch.manual_seed(0)
+    chan = torch.linspace(0.05, 2.0, 16)
+    q = QLinear.from_float(nn.Linear(16, 8), QuantConfig(),
+                           WeightQuantConfig(learnable=True, fold=fold))
+    calibrate_module(q, torch.randn(64, 16) * chan)
+    q.act_quant.set_state('learning')
+    opt = torch.optim.SGD(q.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        q(torch.randn(8, 16) * chan).square().mean().backward()
+        opt.step()
+    q.act_quant.set_state('frozen')
+    iq = to_integer(q, WeightQuantConfig(fold='full' if fold == 'pow2' else
+                                         'pow2'), use_learned_scale=True)
+    # the learned scale belongs to the trained fold, whatever stage 2 asks
+    assert (iq.input_shift is not None) == (fold == 'pow2')
+    torch.testing.assert_close(iq.weight_scale, q.weight_quant.scale.detach())
+    x = torch.randn(5, 16) * chan
+    with torch.no_grad():
+        torch.testing.assert_close(iq(x), q(x), rtol=1e-5, atol=1e-5)

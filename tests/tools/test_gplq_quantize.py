@@ -123,11 +123,20 @@ def test_stage2_then_stock_test_script(runs, arch, tmp_path, name, blocks):
     """W32A4 -> gplq_quantize.py -> stock test.py == in-process evaluation."""
     a = arch[name]
     out = tmp_path / 'w4a4'
-    quantize_ok(runs, a.stage1_cfg, a.w32a4_ckpt, '--out-dir', out,
-                '--calib-images', 4, '--batch-size', 2, cwd=tmp_path)
+    proc = quantize_ok(runs, a.stage1_cfg, a.w32a4_ckpt, '--out-dir', out,
+                       '--calib-images', 4, '--batch-size', 2, cwd=tmp_path)
     files = outputs(out, osp.splitext(osp.basename(a.stage1_cfg))[0])
     ckpt, report = check_w4a4_files(files, a.w32a4_ckpt, blocks)
     assert report['method'] == 'gplq'
+    # the default fold shifts the activation codes; the W4A4 config says so
+    assert ckpt['meta']['gplq']['fold'] == 'pow2'
+    assert any(k.endswith('.input_shift') for k in ckpt['state_dict'])
+    # a progress bar (count, ETA) per QwT block; time per block in the report
+    assert f'QwT block 1/{len(blocks)} {blocks[0]}: 2 calibration batches' \
+        in proc.stdout + proc.stderr
+    assert '2/2' in proc.stdout and 'ETA' in proc.stdout
+    secs = [b['seconds'] for b in report['report']['blocks']]
+    assert all(t > 0 for t in secs) and sum(secs) <= report['ptq_seconds']
 
     stock = stock_test(runs, a, files['py'], files['pth'],
                        str(tmp_path / 'stock'), str(tmp_path / 'stock.pkl'))
