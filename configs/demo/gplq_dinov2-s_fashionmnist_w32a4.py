@@ -35,5 +35,6 @@ optim_wrapper = dict(
 param_scheduler = []  # constant LR, no warm-up, no decay (paper)
 auto_scale_lr = dict(enable=False, base_batch_size=128)
 default_hooks = dict(checkpoint=dict(interval=1, by_epoch=True),
-                     exact_resume=dict(type='GPLQExactResumeHook'))
+                     exact_resume=dict(type='GPLQExactResumeHook'),
+                     drift=dict(type='GPLQDriftHook'))
 load_from = None  # FP32 checkpoint: --cfg-options load_from=...

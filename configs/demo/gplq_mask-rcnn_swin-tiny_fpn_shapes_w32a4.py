@@ -36,5 +36,6 @@ optim_wrapper = dict(
 param_scheduler = []  # constant LR, no warm-up, no decay (paper)
 auto_scale_lr = dict(enable=False, base_batch_size=8)
 # exact --resume (RNG states, no batch trained twice)
-default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
+default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'),
+                     drift=dict(type='GPLQDriftHook'))
 load_from = None  # FP32 checkpoint: --cfg-options load_from=...

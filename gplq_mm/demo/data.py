@@ -562,7 +562,8 @@ def make_classification(out_dir: str, num_train: int = 6000,
                         num_val: int = 1000, seed: int = 0,
                         source: str = 'auto', img_size: int = 28,
                         fashion_mnist_dir: str = FASHION_MNIST_DIR,
-                        force: bool = False) -> dict:
+                        force: bool = False,
+                        holdout_after: Optional[int] = None) -> dict:
     """Write a 10-class image-classification set for mmpretrain's ``CustomDataset``.
 
     Layout (class index = position of the folder in sorted order, so the folders
@@ -590,6 +591,15 @@ def make_classification(out_dir: str, num_train: int = 6000,
             their pipelines, so the default 28 suits them all.
         fashion_mnist_dir: Where the Fashion-MNIST idx ``.gz`` files are.
         force: Regenerate even if a matching manifest exists.
+        holdout_after: Fashion-MNIST only. ``None``: the ``val`` split comes
+            from the 10k test images (the split the demo reports). An int N:
+            ``val`` is a validation split carved from the 60k *training*
+            images instead, disjoint from the ``train`` split of every
+            :func:`make_classification` call with the same seed and
+            ``num_train <= N`` (the training draws are prefixes of one seeded
+            per-class permutation; the holdout takes the images after the
+            first N/10 of each class).  Settings are chosen on it, never on
+            the test split.
 
     Returns:
         dict with ``root``, ``source``, ``classes`` (names in label order),
@@ -612,6 +622,15 @@ def make_classification(out_dir: str, num_train: int = 6000,
         if not isinstance(v, int) or v < 10:
             raise ValueError(f'{name} must be an int >= 10 (one image per '
                              f'class at least), got {v!r}')
+    if holdout_after is not None and (
+            source != 'fashion-mnist' or isinstance(holdout_after, bool)
+            or not isinstance(holdout_after, int)
+            or holdout_after < num_train):
+        raise ValueError(
+            'holdout_after carves a validation split out of the Fashion-MNIST '
+            'training images: it needs source="fashion-mnist" and an int >= '
+            f'num_train ({num_train}), got {holdout_after!r} with source '
+            f'{source!r}.')
     classes = (FASHION_MNIST_CLASSES
                if source == 'fashion-mnist' else GENERATED_CLS_CLASSES)
     folders = tuple(f'{k:02d}_{n}' for k, n in enumerate(classes))
@@ -619,6 +638,8 @@ def make_classification(out_dir: str, num_train: int = 6000,
     params = dict(kind='classification', version=CLS_VERSION, seed=int(seed),
                   source=source, num_train=num_train, num_val=num_val,
                   img_size=img_size, classes=list(classes))
+    if holdout_after is not None:
+        params['holdout_after'] = holdout_after
     result = dict(root=out_dir, source=source, classes=classes,
                   folders=folders, train_dir=osp.join(out_dir, 'train'),
                   val_dir=osp.join(out_dir, 'val'), num_train=num_train,
@@ -640,17 +661,22 @@ def make_classification(out_dir: str, num_train: int = 6000,
         for f in folders:
             os.makedirs(osp.join(out_dir, split, f), exist_ok=True)
         if source == 'fashion-mnist':
-            img_f, lab_f = FASHION_MNIST_FILES[split]
+            carve = split == 'val' and holdout_after is not None
+            src_split, src_id = ('train', 0) if carve else (split, split_id)
+            skip = (_per_class_counts(holdout_after, len(classes))
+                    if carve else [0] * len(classes))
+            img_f, lab_f = FASHION_MNIST_FILES[src_split]
             images = _read_idx(osp.join(fashion_mnist_dir, img_f))
             labels = _read_idx(osp.join(fashion_mnist_dir, lab_f))
-            rng = np.random.default_rng([seed, split_id, 4242])
+            rng = np.random.default_rng([seed, src_id, 4242])
             for k, n in enumerate(counts):
                 idx = np.flatnonzero(labels == k)
-                if n > len(idx):
+                if skip[k] + n > len(idx):
                     raise ValueError(
-                        f'asked for {n} {split} images of class {k}, '
-                        f'Fashion-MNIST has {len(idx)}')
-                pick = np.sort(rng.permutation(idx)[:n])
+                        f'asked for {n} {split} images of class {k} after '
+                        f'{skip[k]}, Fashion-MNIST has {len(idx)}')
+                perm = rng.permutation(idx)
+                pick = np.sort(perm[skip[k]:skip[k] + n])
                 for j, src in enumerate(pick):
                     im = images[src]
                     if img_size != im.shape[0]:

@@ -18,7 +18,7 @@ import dataclasses
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -56,7 +56,9 @@ class InjectConfig:
     Args:
         scope: ``whole`` (backbone + neck + heads) or ``backbone``.
         act: Input quantizer of every Linear/Conv2d (default: 4-bit,
-            per channel, symmetric, min-max calibrated, LSQ-learned).
+            per channel, symmetric, LSQ-learned, initialised at the 0.1th/
+            99.9th percentiles; the paper's min-max initialisation is
+            ``act=dict(observer='minmax')``, measured in docs/ablation.md).
         first_layer_bits: Bits of the patch-embedding input (the image).
         qkv: Quantizer of q, k, v (default 4-bit per token, 1st/99th
             percentile calibration); ``None`` leaves attention unquantized.
@@ -68,9 +70,15 @@ class InjectConfig:
             (no attention quantization).  Must be asked for explicitly.
         skip: Regexes of module names (relative to the detector/classifier)
             left in float.
+        act_overrides: ``{regex: {QuantConfig fields}}``: the input quantizer
+            of a Linear/Conv2d whose name matches ``regex`` (the first match,
+            in order) is ``act`` with these fields replaced, e.g. an unsigned
+            grid for the post-GELU fc2 inputs of a ViT:
+            ``{r'ffn\.layers\.1$': dict(signed=False)}``.
     """
     scope: str = 'whole'
-    act: Optional[QuantConfig] = field(default_factory=QuantConfig)
+    act: Optional[QuantConfig] = field(default_factory=lambda: QuantConfig(
+        observer='percentile', percentile=(0.1, 99.9)))
     first_layer_bits: int = 8
     qkv: Optional[QuantConfig] = field(default_factory=lambda: QuantConfig(
         granularity='per_token', observer='percentile'))
@@ -79,6 +87,7 @@ class InjectConfig:
     weight: Optional[WeightQuantConfig] = None
     generic: bool = False
     skip: Tuple[str, ...] = ()
+    act_overrides: Dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> 'InjectConfig':
@@ -96,6 +105,9 @@ class InjectConfig:
             kw['weight'] = WeightQuantConfig(**d['weight'])
         if 'skip' in d:
             kw['skip'] = tuple(d['skip'])
+        if 'act_overrides' in d:
+            kw['act_overrides'] = {} if d['act_overrides'] is None \
+                else d['act_overrides']
         return cls(**kw)
 
     def __post_init__(self):
@@ -108,6 +120,25 @@ class InjectConfig:
         QuantConfig(**{**self.act.to_dict(), 'bits': self.first_layer_bits})
         for pattern in self.skip:
             re.compile(pattern)
+        if not isinstance(self.act_overrides, dict):
+            raise TypeError('quant.act_overrides must be a dict {regex: dict of '
+                            'QuantConfig fields}, got '
+                            f'{type(self.act_overrides).__name__}.')
+        for pattern, fields in self.act_overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f'quant.act_overrides: {pattern!r} is not a '
+                                 f'regex ({e}).') from None
+            _qcfg(dict(fields), self.act, f'act_overrides[{pattern!r}]')
+
+    def act_for(self, name: str) -> QuantConfig:
+        """The input quantizer config of the Linear/Conv2d ``name``."""
+        for pattern, fields in self.act_overrides.items():
+            if re.search(pattern, name):
+                return _qcfg(dict(fields), self.act,
+                             f'act_overrides[{pattern!r}]')
+        return self.act
 
 
 @dataclass
@@ -226,14 +257,15 @@ def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
             left.append((name, f'{type(m).__name__} has its own forward'))
             continue
         if isinstance(m, nn.Linear):
-            new = QLinear.from_float(m, cfg.act, cfg.weight, name)
+            act = cfg.act_for(name)
+            new = QLinear.from_float(m, act, cfg.weight, name)
             model.set_submodule(name, new)
             records.append(InjectionRecord(name, 'Linear', _desc_lin(
-                cfg.act, cfg.weight)))
+                act, cfg.weight)))
         elif isinstance(m, nn.Conv2d):
             if first_conv is None and cfg.generic:
                 first_conv = name
-            act = first_cfg if name == first_conv else cfg.act
+            act = first_cfg if name == first_conv else cfg.act_for(name)
             new = QConv2d.from_float(m, act, cfg.weight, name)
             model.set_submodule(name, new)
             records.append(InjectionRecord(name, 'Conv2d', _desc_lin(

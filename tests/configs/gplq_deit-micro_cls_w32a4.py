@@ -20,5 +20,6 @@ optim_wrapper = dict(
     optimizer=dict(lr=1e-4),
     paramwise_cfg=dict(custom_keys={'_quant.scale': dict(decay_mult=0.0)}))
 # exact --resume (RNG states, no batch trained twice)
-default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'))
+default_hooks = dict(exact_resume=dict(type='GPLQExactResumeHook'),
+                     drift=dict(type='GPLQDriftHook'))
 load_from = None

@@ -167,6 +167,42 @@ def test_cls_fashion_mnist(tmp_path):
     assert _tree_bytes(r['root']) == _tree_bytes(again['root'])
 
 
+@pytest.mark.skipif(not data.fashion_mnist_available(),
+                    reason='Debian package dataset-fashion-mnist not installed')
+def test_cls_holdout_is_carved_from_train_and_disjoint(tmp_path):
+    """holdout_after=N: ``val`` holds Fashion-MNIST *training* images that no
+    training draw of up to N images (same seed) contains."""
+    import numpy as np
+    from PIL import Image
+
+    def images(root, split):
+        out = set()
+        for dirpath, _, files in os.walk(osp.join(root, split)):
+            for f in files:
+                arr = np.asarray(Image.open(osp.join(dirpath, f)))
+                out.add((osp.basename(dirpath), arr.tobytes()))
+        return out
+
+    big = data.make_classification(str(tmp_path / 'big'), 60, 10, seed=3)
+    small = data.make_classification(str(tmp_path / 'small'), 20, 10, seed=3)
+    tune = data.make_classification(str(tmp_path / 'tune'), 20, 30, seed=3,
+                                    holdout_after=60)
+    assert tune['manifest']['holdout_after'] == 60
+    # training draws are nested prefixes: the tuning train split is `small`'s
+    assert images(tune['root'], 'train') == images(small['root'], 'train')
+    assert images(small['root'], 'train') <= images(big['root'], 'train')
+    val = images(tune['root'], 'val')
+    assert len(val) == 30
+    assert not val & images(big['root'], 'train')  # disjoint from training
+    assert not val & images(big['root'], 'val')  # not the test split either
+    with pytest.raises(ValueError, match='holdout_after'):
+        data.make_classification(str(tmp_path / 'bad'), 20, 10, seed=3,
+                                 holdout_after=10)  # < num_train
+    with pytest.raises(ValueError, match='holdout_after'):
+        data.make_classification(str(tmp_path / 'gen'), 20, 10,
+                                 source='generated', holdout_after=60)
+
+
 def test_cls_read_by_custom_dataset(cls_generated):
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import DATASETS

@@ -3,6 +3,7 @@
 The FP32 checkpoints are plain models' state dicts saved with
 ``torch.save({'state_dict': sd, 'meta': {}})``, as a user would have them.
 """
+import pytest
 import torch
 from mmengine.logging import HistoryBuffer
 
@@ -172,3 +173,28 @@ def test_resume_restores_scales_teacher_and_message_hub(deit_stage1,
     ck = torch.load(str(work / 'epoch_2.pth'), weights_only=True)
     assert ck['meta']['epoch'] == 2
     assert len(ck['message_hub']['log_scalars']['train/loss']['log']) == 8
+
+
+def test_drift_hook_logs_how_far_scales_and_weights_moved(deit_stage1):
+    """GPLQDriftHook (default_hooks.drift): relative change since calibration,
+    per tensor, of the learnable scales and the trainable weights."""
+    import re
+    rec = deit_stage1.rec
+    learnable = [n for n, (_, grad) in rec.scale_params.items() if grad]
+    rel = torch.stack([
+        (rec.after_train_scales[n] - rec.calibrated[n]).norm() /
+        rec.calibrated[n].norm() for n in learnable
+    ])
+    m = re.search(
+        r'GPLQ drift after epoch 1: activation scales median (\S+), max (\S+) '
+        r'over (\d+); weights median (\S+), max (\S+) over (\d+)',
+        deit_stage1.log)
+    assert m, 'no drift line in the stage-1 log'
+    assert int(m.group(3)) == len(learnable)
+    # 4 AdamW steps moved every scale a little (the numbers are the hook's own
+    # computation, checked here against the recorder's copies)
+    assert float(m.group(1)) == pytest.approx(float(rel.median()), rel=0.01)
+    assert float(m.group(2)) == pytest.approx(float(rel.max()), rel=0.01)
+    assert 0 < float(m.group(4)) <= float(m.group(5))
+    assert int(m.group(6)) > 0
+    assert 'gplq/scale_drift_median' in rec.final_scalars

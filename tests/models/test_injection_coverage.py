@@ -207,3 +207,33 @@ def test_conv_subclasses_with_own_forward_stay_float():
         assert left[n] == 'ConvWS2d has its own forward'
     # the plain convs around them are quantized
     assert type(wrapper.model.neck.lateral_convs[0].conv) is QConv2d
+
+
+def test_act_overrides_change_only_the_matching_layers(cls_root):
+    """quant.act_overrides: per-layer input quantizer fields by regex, e.g. an
+    unsigned grid (codes 0..15) for the post-GELU fc2 inputs."""
+    cfg = load_cfg(DEIT_GPLQ)
+    cfg.model.quant['act_overrides'] = {r'ffn\.layers\.1$': dict(signed=False)}
+    wrapper = build(cfg)
+    fc2 = {n: m for n, m in wrapper.model.named_modules()
+           if isinstance(m, QLinear) and re.search(r'ffn\.layers\.1$', n)}
+    others = [m for n, m in wrapper.model.named_modules()
+              if isinstance(m, QLinear) and n not in fc2]
+    assert fc2 and others
+    for m in fc2.values():
+        cfg_q = m.act_quant.cfg
+        assert (cfg_q.signed, cfg_q.qmin, cfg_q.qmax) == (False, 0, 15)
+        # the rest of the default is kept
+        assert (cfg_q.observer, cfg_q.percentile) == ('percentile', (0.1, 99.9))
+    assert all(m.act_quant.cfg.signed for m in others)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'(': dict(signed=False)}, 'not a regex'),
+    ({'fc': dict(sign=False)}, 'unknown keys'),
+    ([('fc', dict(signed=False))], 'must be a dict'),
+])
+def test_act_overrides_bad_input(overrides, match):
+    from gplq_mm.models.injection import InjectConfig
+    with pytest.raises((ValueError, TypeError), match=match):
+        InjectConfig.from_dict(dict(act_overrides=overrides))

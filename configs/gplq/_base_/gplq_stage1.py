@@ -21,4 +21,5 @@ gplq_optim_wrapper = dict(
 gplq_default_hooks = dict(
     checkpoint=dict(
         type='CheckpointHook', interval=1, by_epoch=True, save_last=True),
-    exact_resume=dict(type='GPLQExactResumeHook'))
+    exact_resume=dict(type='GPLQExactResumeHook'),
+    drift=dict(type='GPLQDriftHook'))

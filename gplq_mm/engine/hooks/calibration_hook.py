@@ -57,9 +57,10 @@ class GPLQCalibrationHook(Hook):
 
     Runs after ``load_from`` has put the FP32 weights in place (mmengine loads
     checkpoints after ``before_run`` hooks, before ``before_train``).  Scales
-    are initialised from ``num_batches`` training batches: min-max for
-    per-channel quantizers, percentiles for per-token ones (as configured per
-    quantizer), all-reduced across ranks.  If the scales were loaded from a
+    are initialised from ``num_batches`` training batches with each
+    quantizer's observer (by default 0.1th/99.9th percentiles per channel,
+    1st/99th per token; ``observer='minmax'`` is the paper's), all-reduced
+    across ranks.  If the scales were loaded from a
     checkpoint (resume, or a W32A4 start), nothing is recalibrated.  At test
     time this hook does nothing: scales come only from the checkpoint.
 
