@@ -638,8 +638,9 @@ def make_classification(out_dir: str, num_train: int = 6000,
     params = dict(kind='classification', version=CLS_VERSION, seed=int(seed),
                   source=source, num_train=num_train, num_val=num_val,
                   img_size=img_size, classes=list(classes))
-    if holdout_after is not None:
-        params['holdout_after'] = holdout_after
+    # always part of the settings (a manifest without it reads as None), so a
+    # carved validation split is never reused as the test split or back
+    params['holdout_after'] = holdout_after
     result = dict(root=out_dir, source=source, classes=classes,
                   folders=folders, train_dir=osp.join(out_dir, 'train'),
                   val_dir=osp.join(out_dir, 'val'), num_train=num_train,

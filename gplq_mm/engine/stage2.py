@@ -166,7 +166,9 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     src_sd_bytes = state_bytes(sd)
     meta = dict(
         gplq=dict(method=opts.method, w_bits=opts.w_bits,
-                  a_bits=model.quant_cfg.act.bits, fold=fold, qwt=opts.qwt,
+                  a_bits=model.quant_cfg.act.bits, fold=fold,
+                  max_shift=w_cfg.max_shift if fold == 'pow2' else 0,
+                  qwt=opts.qwt,
                   qwt_lambda=opts.qwt_lambda, qwt_blocks=kept,
                   calib_images=opts.calib_images, calib_seed=opts.seed,
                   calib_pipeline=opts.calib_pipeline,

@@ -74,7 +74,8 @@ class InjectConfig:
             of a Linear/Conv2d whose name matches ``regex`` (the first match,
             in order) is ``act`` with these fields replaced, e.g. an unsigned
             grid for the post-GELU fc2 inputs of a ViT:
-            ``{r'ffn\.layers\.1$': dict(signed=False)}``.
+            ``{r'ffn\.layers\.1$': dict(signed=False)}``.  The patch
+            embedding keeps ``act`` at ``first_layer_bits``.
     """
     scope: str = 'whole'
     act: Optional[QuantConfig] = field(default_factory=lambda: QuantConfig(

@@ -122,11 +122,12 @@ class WeightQuantConfig:
             GEMM reads the 4-bit codes as they are).  ``pow2``: ``s`` is split
             into ``t * 2^e`` with integer shifts ``0 <= e <= max_shift``; the
             codes are shifted left by ``e`` before the integer GEMM (A4 codes
-            in an int(4 + max_shift) GEMM, exact) and only ``W diag(t)`` is
+            in an int(4 + max_shift) GEMM, uint for unsigned grids; exact) and
+            only ``W diag(t)`` is
             quantized, so the activation outlier channels no longer inflate
             each weight row's range (measured on DINOv2-S: docs/ablation.md).
         max_shift: Largest shift of ``fold='pow2'`` (4: the shifted codes fit
-            int8).
+            int8, uint8 for an unsigned grid).
     """
 
     bits: int = 4

@@ -274,12 +274,14 @@ def split_pow2(scale: Tensor, max_shift: int):
     """Split per-channel activation scales into ``t * 2^e`` (exactly).
 
     ``e`` are integer shifts in ``[0, max_shift]``, anchored at the largest
-    scale: ``e = round(log2(s / (max(s) / 2^max_shift)))``, clamped.  A code
-    ``q`` of channel c then equals ``(q << e_c) * t_c``; the shift is an exact
-    integer op and only ``t`` (within a factor sqrt(2) of
-    ``max(s) / 2^max_shift`` for every channel not clamped at 0) is folded into
-    the weight.  Channels ``2^max_shift`` times below the largest keep their
-    whole scale in ``t``.
+    scale: ``e = round(log2(s / (max(s) / 2^max_shift)))``, clamped, then
+    lowered by their minimum (the smallest shift is 0, so no width is spent
+    where all channels agree, e.g. the three RGB channels).  A code ``q`` of
+    channel c then equals ``(q << e_c) * t_c``; the shift is an exact integer
+    op and only ``t`` is folded into the weight: for every channel not clamped
+    at 0, ``t`` is within a factor sqrt(2) of one common value (so ``t``
+    spans at most a factor 2 there).  Channels ``2^max_shift`` times below the
+    largest keep the rest of their scale in ``t``.
 
     Returns:
         ``(t, e)``: float tensors shaped like ``scale`` (``e`` holds integers).
@@ -289,6 +291,7 @@ def split_pow2(scale: Tensor, max_shift: int):
         return s, torch.zeros_like(s)
     ref = s.max() / 2.0**max_shift
     e = torch.log2(s / ref).round_().clamp_(0, max_shift)
+    e = e - e.min()
     return s / torch.exp2(e), e
 
 

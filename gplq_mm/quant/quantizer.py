@@ -142,6 +142,38 @@ class WeightQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(num_channels),
                                   requires_grad=cfg.learnable)
         self.register_buffer('initialized', torch.tensor(False))
+        # the grid the scale belongs to (direct QAT trains it on the folded
+        # weight): max_shift for fold='pow2', -1 for 'full'; checked on load
+        self.register_buffer('fold_shift', torch.tensor(
+            cfg.max_shift if cfg.fold == 'pow2' else -1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        want = int(self.fold_shift)
+        key = prefix + 'fold_shift'
+        if prefix + 'scale' in state_dict:
+            if key not in state_dict and want < 0:
+                # written before the option: the fully folded grid, as asked
+                state_dict[key] = self.fold_shift.clone()
+            elif key not in state_dict:
+                raise ValueError(
+                    f'{self.name}: this checkpoint was written before the '
+                    'weight fold was an option; its weight scales belong to '
+                    'the fully folded weights. Set quant.weight.fold="full" '
+                    'in the config to use it.')
+            got = int(state_dict[key])
+            if got != want:
+                def say(v):
+                    return 'fold="full"' if v < 0 else \
+                        f'fold="pow2", max_shift={v}'
+                raise ValueError(
+                    f'{self.name}: the checkpoint\'s weight scales were '
+                    f'trained with {say(got)}, the config asks for '
+                    f'{say(want)}. Set quant.weight to match the checkpoint.')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def calibrate(self, weight: Tensor) -> None:

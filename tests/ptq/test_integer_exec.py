@@ -47,9 +47,10 @@ def int_reference(layer, x: torch.Tensor) -> torch.Tensor:
             shape[layer.act_quant.cfg.axis] = -1
             e = e.reshape(shape)
         xc = codes << e
-        # int(bits + 4): an int8 GEMM for the 4-bit inputs
-        lim = 2**(layer.act_quant.cfg.bits - 1 + 4)
-        assert -lim <= int(xc.min()) and int(xc.max()) < lim
+        # 4 more bits than the codes: an int8 (uint8 for an unsigned grid)
+        # GEMM input for the 4-bit inputs
+        cfg = layer.act_quant.cfg
+        assert cfg.qmin * 16 <= int(xc.min()) and int(xc.max()) <= cfg.qmax * 16
     k = int(torch.Size(layer.weight_shape[1:]).numel())
     wc = unpack_nibbles(layer.weight_packed, k)  # int64 [out, k]
     assert int(wc.min()) >= -8 and int(wc.max()) <= 7

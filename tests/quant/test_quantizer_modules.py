@@ -1,4 +1,6 @@
 """Configs, ActQuantizer states, QLinear/QConv2d and the integer modules."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -385,8 +387,10 @@ def test_int_qlinear_equals_integer_matmul_and_fake_quant(gran, bias, fold):
     codes_x = torch.clamp(torch.round(x / s_act), -8, 7).to(torch.int64)
     if fold == 'pow2':
         shift = iq.input_shift.to(torch.int64)
-        # a 30x range of channel scales: 4 octaves of shifts (all channels
-        # for per-channel input scales, none for a per-tensor one)
+        # the shifts of the fold, recomputed here (anchor: the largest scale)
+        assert torch.equal(shift, pow2_shifts(s_act, 4))
+        # a 30x range of channel scales: 4 octaves of shifts (none for a
+        # per-tensor scale)
         assert int(shift.max()) == (4 if gran == 'per_channel' else 0)
         codes_x = codes_x << shift  # integer shift: int8 GEMM input
         assert codes_x.min() >= -128 and codes_x.max() <= 127
@@ -407,6 +411,16 @@ def test_int_qlinear_equals_integer_matmul_and_fake_quant(gran, bias, fold):
     ref_w32 = q(x)
     rel = (y - ref_w32).norm() / ref_w32.norm()
     assert rel < 0.2
+
+
+def pow2_shifts(s: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Independent reference of the fold's shifts (int64): anchored at the
+    largest scale, clamped to [0, max_shift], lowered to start at 0."""
+    if s.numel() == 1:
+        return torch.zeros(1, dtype=torch.int64)
+    e = [min(max(round(math.log2(v / (float(s.max()) / 2**max_shift))), 0),
+             max_shift) for v in s.tolist()]
+    return torch.tensor(e, dtype=torch.int64) - min(e)
 
 
 def test_weight_folding_within_one_step():
@@ -483,6 +497,10 @@ def test_split_pow2_is_exact_and_bounded():
     assert torch.equal(t0, s) and not e0.any()
     t1, e1 = QF.split_pow2(torch.tensor([0.7]), 4)
     assert torch.equal(t1, torch.tensor([0.7])) and not e1.any()
+    # channels that agree (the RGB input) spend no shift
+    s3 = torch.tensor([0.9, 1.0, 1.1])
+    t3, e3 = QF.split_pow2(s3, 4)
+    assert torch.equal(t3, s3) and not e3.any()
 
 
 def test_pow2_fold_keeps_weight_precision_under_outlier_channels():
@@ -532,7 +550,7 @@ def test_int_qconv2d_equals_integer_conv_and_fake_quant(gran, fold):
     codes_x = torch.clamp(torch.round(x / s), -8, 7)
     if fold == 'pow2':
         e = iq.input_shift.to(torch.int64)
-        assert int(e.max()) == (4 if gran == 'per_channel' else 0)
+        assert torch.equal(e, pow2_shifts(q.act_quant.scale.detach(), 4))
         codes_x = (codes_x.to(torch.int64) << e.reshape(-1, 1, 1)).double()
     cols = F.unfold(codes_x.double(), 3, padding=1, stride=2).to(torch.int64)
     codes_w = unpack_int4(iq.weight_packed, 27).to(torch.int64)  # [4, 27]
@@ -545,6 +563,35 @@ def test_int_qconv2d_equals_integer_conv_and_fake_quant(gran, fold):
     # (b) fake-quant float path
     ref_b = F.conv2d(q.act_quant(x), iq.dequantized_weight(), iq.bias, 2, 1)
     torch.testing.assert_close(y, ref_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('cin,cout,groups', [(4, 8, 4), (6, 4, 2)])
+def test_int_qconv2d_grouped_pow2(cin, cout, groups):
+    """Default fold on a grouped conv: output channel o folds the t of its
+    own group's input channels; shifts and weight grid recomputed here."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
+    q = QConv2d.from_float(conv, QuantConfig())
+    scales = torch.logspace(-1, 1.3, cin)[:, None, None]  # 200x range
+    calibrate_module(q, torch.randn(4, cin, 6, 6) * scales)
+    iq = to_integer(q, WeightQuantConfig(bits=4, search='minmax'))
+    s = q.act_quant.scale.detach()
+    e = pow2_shifts(s, 4)
+    assert torch.equal(iq.input_shift.to(torch.int64), e)
+    t = s / 2.0**e
+    cin_g = cin // groups
+    t_per_out = torch.stack([t[(o // (cout // groups)) * cin_g:][:cin_g]
+                             for o in range(cout)])
+    folded = conv.weight.detach() * t_per_out[:, :, None, None]
+    torch.testing.assert_close(iq.weight_scale,
+                               folded.abs().flatten(1).amax(1) / 7)
+    x = torch.randn(2, cin, 6, 6) * scales
+    codes_x = torch.clamp(torch.round(x / s[:, None, None]), -8, 7)
+    shifted = codes_x.to(torch.int64) << e[:, None, None]
+    acc = F.conv2d(shifted.double(), iq.weight_codes().double(), None, 1, 1,
+                   1, groups)
+    ref = acc * iq.weight_scale.double()[:, None, None] + \
+        conv.bias.detach().double()[:, None, None]
+    torch.testing.assert_close(iq(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('cin,cout,groups', [(4, 8, 4), (4, 4, 4), (6, 4, 2)])
@@ -604,3 +651,28 @@ def test_direct_qat_layer_converts_to_the_same_integer_layer(fold):
     x = torch.randn(5, 16) * chan
     with torch.no_grad():
         torch.testing.assert_close(iq(x), q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_quantizer_checkpoint_names_its_fold():
+    """A direct-QAT weight scale belongs to the grid it trained on: loading it
+    into a layer with another fold (or from a checkpoint written before the
+    option: no fold_shift, fully folded) is refused with the fix."""
+    q = QLinear.from_float(nn.Linear(8, 4), QuantConfig(),
+                           WeightQuantConfig(learnable=True))
+    sd = q.state_dict()
+    assert int(sd['weight_quant.fold_shift']) == 4
+    full = QLinear.from_float(nn.Linear(8, 4), QuantConfig(),
+                              WeightQuantConfig(learnable=True, fold='full'))
+    with pytest.raises(ValueError, match='fold="pow2", max_shift=4.*'
+                       'config asks for fold="full"'):
+        full.load_state_dict(sd)
+    old = {k: v for k, v in sd.items() if k != 'weight_quant.fold_shift'}
+    with pytest.raises(ValueError, match='quant.weight.fold="full"'):
+        q.load_state_dict(old, strict=False)
+    # ... and loads into a fold="full" layer as it is
+    full.load_state_dict(old)
+    assert torch.equal(full.weight_quant.scale, q.weight_quant.scale)
+    q2 = QLinear.from_float(nn.Linear(8, 4), QuantConfig(),
+                            WeightQuantConfig(learnable=True))
+    q2.load_state_dict(sd)  # same fold: loads
+    assert torch.equal(q2.weight_quant.scale, q.weight_quant.scale)

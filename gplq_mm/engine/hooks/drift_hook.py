@@ -2,6 +2,7 @@
 from typing import Dict, Optional
 
 import torch
+from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -28,14 +29,16 @@ def _summary(x: torch.Tensor) -> str:
 class GPLQDriftHook(Hook):
     """Log how far training moved the activation scales and the weights.
 
-    A reference copy (on the CPU) of every learnable activation scale and
-    every trainable weight is taken in ``before_train``, after
+    A reference copy (on the CPU, main process only: DDP ranks hold the same
+    values) of every learnable activation scale and every trainable weight is
+    taken in ``before_train``, after
     ``GPLQCalibrationHook`` (priority ``HIGH``) has calibrated the scales;
     after each training epoch the hook logs, per group, the median and
     largest relative change ``||x - x_0|| / ||x_0||`` per tensor.  With
     AdamW each entry moves by about the LR per step, whatever the gradient,
     so a few hundred steps at the paper's 5e-6 leave the model where the
-    calibration put it; this makes that visible.  Priority ``LOW``.
+    calibration put it; this makes that visible.  After ``--resume`` the
+    reference is the resumed state (the log says so).  Priority ``LOW``.
     """
 
     priority = 'LOW'
@@ -43,6 +46,7 @@ class GPLQDriftHook(Hook):
     def __init__(self):
         self._scales: Optional[Dict[str, torch.Tensor]] = None
         self._weights: Optional[Dict[str, torch.Tensor]] = None
+        self._since = 'calibration'
 
     @staticmethod
     def _model(runner):
@@ -62,7 +66,11 @@ class GPLQDriftHook(Hook):
         return scales, weights
 
     def before_train(self, runner) -> None:
+        if not is_main_process():
+            return
         self._scales, self._weights = self._current(runner)
+        self._since = 'calibration' if runner.iter == 0 else \
+            f'the resumed state (iteration {runner.iter})'
 
     def after_train_epoch(self, runner) -> None:
         if self._scales is None:
@@ -74,7 +82,7 @@ class GPLQDriftHook(Hook):
         runner.logger.info(
             f'GPLQ drift after epoch {runner.epoch + 1}: activation scales '
             f'{_summary(ds)}; weights {_summary(dw)} '
-            '(relative change since calibration, per tensor).')
+            f'(relative change since {self._since}, per tensor).')
         runner.message_hub.update_scalar('gplq/scale_drift_median',
                                          float(ds.median()) if ds.numel() else 0.0)
         runner.message_hub.update_scalar('gplq/weight_drift_median',
