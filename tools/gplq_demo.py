@@ -268,14 +268,16 @@ def run_task(task: str, args, size: dict, log,
         [PY, CONVERT, fp32_ckpt, safe, '--trust'],
         [PY, test, spec['fp32'], safe, '--work-dir', d('fp32')],
     ], dict(key, seed=args.seed), dict(ckpt=safe))
-    rows.append(_row('FP32', {args.seed: (st, r.test_metrics('fp32'), safe)},
-                     spec, spec['fp32']))
+    rows.append(_row('FP32', {args.seed: (st, r.test_metrics('fp32'), safe,
+                                          spec['fp32'])}, spec))
 
-    per_method = {}  # label -> ({seed: (stage, metrics, ckpt)}, config)
+    per_method = {}  # label -> {seed: (stage, metrics, ckpt, config)}
 
     def record(label, seed, runner, name, stage, ckpt, config):
-        per_method.setdefault(label, ({}, config))[0][seed] = (
-            stage, runner.test_metrics(name), ckpt)
+        # each seed keeps its own config: stage 2 writes one per checkpoint
+        # (the QwT blocks it kept differ between seeds)
+        per_method.setdefault(label, {})[seed] = (
+            stage, runner.test_metrics(name), ckpt, config)
 
     for s in seeds:
         calib = ['--calib-images', str(size['calib']), '--seed', str(s)]
@@ -330,8 +332,8 @@ def run_task(task: str, args, size: dict, log,
         ], dict(gplq_key, seed=s), dict(ckpt=ck))
         record('GPLQ W4A4 (+QwT)', s, r, 'gplq_w4a4' + sfx, st, ck,
                osp.join(out, 'gplq_w4a4.py'))
-    for label, (runs, cfg) in per_method.items():
-        rows.append(_row(label, runs, spec, cfg))
+    for label, runs in per_method.items():
+        rows.append(_row(label, runs, spec))
 
     if spec.get('probe'):
         _probe_rows(r, rows, args, size, key)
@@ -377,11 +379,11 @@ def _stats(vals) -> dict:
                 n=len(vals))
 
 
-def _row(label, runs, spec, config) -> dict:
+def _row(label, runs, spec) -> dict:
     """One table row: per-seed metrics (``runs``: {seed: (stage, metrics,
-    checkpoint)}) and their mean and range."""
+    checkpoint, config)}) and their mean and range."""
     out = {}
-    for s, (stage, metrics, ckpt) in runs.items():
+    for s, (stage, metrics, ckpt, config) in runs.items():
         vals = {}
         for name, key in spec['metrics']:
             if key not in metrics:

@@ -133,15 +133,18 @@ def test_rows_aggregate_seeds_as_mean_and_range(tmp_path):
     ck.write_bytes(b'x' * 2048)
     spec = demo.TASKS['dino']
     runs = {s: (Stage('gplq_w4a4_s%d' % s, 10.0 + s, 100.0), {
-        'accuracy/top1': v}, str(ck)) for s, v in ((0, 80.0), (1, 83.0),
-                                                   (2, 81.5))}
-    row = demo._row('GPLQ W4A4 (+QwT)', runs, spec, 'cfg.py')
+        'accuracy/top1': v}, str(ck), 'cfg_s%d.py' % s)
+        for s, v in ((0, 80.0), (1, 83.0), (2, 81.5))}
+    row = demo._row('GPLQ W4A4 (+QwT)', runs, spec)
     assert row['top-1'] == pytest.approx(81.5)
     assert row['top-1 range'] == (80.0, 83.0)
     assert sorted(row['runs']) == [0, 1, 2]
+    # each seed keeps its own config (the probes load it with its checkpoint)
+    assert [row['runs'][s]['config'] for s in range(3)] == [
+        'cfg_s0.py', 'cfg_s1.py', 'cfg_s2.py']
     assert demo._fmt(row, 'top-1') == '81.500 [80.000, 83.000]'
     with pytest.raises(StageError, match='printed no accuracy/top1'):
-        demo._row('x', {0: (Stage('s'), {}, str(ck))}, spec, 'cfg.py')
+        demo._row('x', {0: (Stage('s'), {}, str(ck), 'cfg.py')}, spec)
 
 
 def test_publish_replaces_only_the_generated_block(tmp_path):
