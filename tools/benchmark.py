@@ -14,7 +14,10 @@ One run measures, on one fixed input batch per model:
   per variant (``--worker``);
 * **inference** (``no_grad``, eval) of FP32, the fake-quant W32A4 and W4A4
   models in FROZEN state and the integer W4A4 model written by
-  ``gplq_mm.ptq.weight_ptq`` (int4 weights + QwT);
+  ``gplq_mm.ptq.weight_ptq`` (int4 weights + QwT), twice: ``w4a4_int`` with
+  its default integer GEMM (oneDNN int8 where it runs) and ``w4a4_int_ref``
+  with the float reference GEMM (``set_int_gemm(model, 'reference')``; the
+  same bits);
 * **QwT fitting** (``weight_ptq`` on a calibrated DeiT) with 64, 256 and 512
   calibration images: peak memory and time, one worker process each, in
   ``--qwt-repeats`` (3) independent server processes; medians reported.
@@ -75,7 +78,7 @@ MODEL_SPECS = {
                       cfg='mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
 }
 TRAIN_VARIANTS = ('fp32', 'actqat', 'actqat_teacher', 'w4a4_qat')
-INFER_VARIANTS = ('fp32', 'w32a4', 'w4a4_fake', 'w4a4_int')
+INFER_VARIANTS = ('fp32', 'w32a4', 'w4a4_fake', 'w4a4_int', 'w4a4_int_ref')
 QWT_IMAGES = (64, 256, 512)
 # QwT: a calibrated DeiT (mmpretrain arch name, image size, batch size)
 QWT_MODEL = dict(cfg='mmpretrain::deit/deit-tiny_4xb256_in1k.py', img=112,
@@ -85,6 +88,8 @@ TARGETS = {  # what docs/benchmark.md promises, checked in the summary
     'train_time_actqat': 1.25,
     'train_mem_actqat': 1.05,
     'infer_time_w4a4_fake': 1.5,
+    # issue: integer W4A4 at least 1.3x faster than FP32 (DeiT-S)
+    'infer_time_w4a4_int': round(1 / 1.3, 3),
     'qwt_mem_512_vs_64': 1.1,
 }
 
@@ -140,6 +145,23 @@ def measure_peak(fn):
         'ru_maxrss (no HWM reset: an upper bound)'
 
 
+ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl',
+             'avx512_vnni', 'avx_vnni', 'avx512_bf16', 'amx_tile',
+             'amx_int8', 'asimd', 'sve')
+
+
+def isa_flags() -> str:
+    """The vector/matrix ISA extensions the CPU reports (Linux only)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            m = re.search(r'^(flags|Features)\s*:\s*(.*)$', f.read(),
+                          re.MULTILINE)
+    except OSError:
+        return 'unknown'
+    have = set(m.group(2).split()) if m else set()
+    return ' '.join(f for f in ISA_FLAGS if f in have) or 'none listed'
+
+
 def machine_info(threads: int) -> dict:
     import torch
     cpu = platform.processor() or ''
@@ -155,9 +177,12 @@ def machine_info(threads: int) -> dict:
     except (OSError, AttributeError):
         mem = 0
     import gplq_mm
+    from gplq_mm.quant.int_gemm import onednn_available
     return dict(
         date=datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
         cpu=cpu, cores=os.cpu_count(), mem_gb=round(mem / 2**20, 1),
+        isa=isa_flags(), torch_cpu=torch.backends.cpu.get_cpu_capability(),
+        int_gemm='onednn' if onednn_available() else 'reference',
         python=platform.python_version(), torch=torch.__version__,
         threads=threads, loadavg_start=os.getloadavg()[0],
         gplq_mm=osp.dirname(gplq_mm.__file__))
@@ -387,20 +412,25 @@ class ModelFactory:
             set_act_state(v.owner, QState.FROZEN)
             out[name] = v
         out['w4a4_int'] = self.integer_variant(train['actqat'].owner)
+        out['w4a4_int_ref'] = self.integer_variant(train['actqat'].owner,
+                                                   gemm='reference')
         return out
 
-    def integer_variant(self, gplq_model) -> Variant:
-        """Integer W4A4 (int4 weights, QwT) written by ``weight_ptq``."""
+    def integer_variant(self, gplq_model, gemm: str = 'auto') -> Variant:
+        """Integer W4A4 (int4 weights, QwT) written by ``weight_ptq``, with
+        the integer GEMM ``gemm`` (``gplq_mm.quant.int_gemm``)."""
         from gplq_mm.ptq.weight_ptq import weight_ptq
-        from gplq_mm.quant import WeightQuantConfig
+        from gplq_mm.quant import WeightQuantConfig, set_int_gemm
         model = copy.deepcopy(gplq_model)
         model.eval()
         batches = [self.inputs, self.inputs]  # fit + held-out accumulator
         weight_ptq(model.model, lambda: batches,
                    lambda b: model.model.backbone(b),
                    WeightQuantConfig(search='minmax'), qwt=True)
+        set_int_gemm(model, gemm)
         module = model.model.backbone if self.kind == 'backbone' else model
-        return Variant('w4a4_int', module, self.kind, self.inputs,
+        name = 'w4a4_int' if gemm == 'auto' else f'w4a4_int_{gemm[:3]}'
+        return Variant(name, module, self.kind, self.inputs,
                        self.samples, [], owner=model)
 
 
@@ -443,6 +473,16 @@ def alternate(variants: dict, method: str, repeats: int, log) -> dict:
     return out
 
 
+def profile_ops(fn, rows: int) -> str:
+    """``torch.profiler`` table of one call of ``fn`` (warm), by self CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by='self_cpu_time_total',
+                                     row_limit=rows)
+
+
 def time_model(name: str, args, log) -> dict:
     import torch
     spec = MODEL_SPECS[name]
@@ -460,6 +500,11 @@ def time_model(name: str, args, log) -> dict:
                train=alternate(train, 'train_step', args.repeats, log))
     infer = fac.infer_variants(train)
     res['infer'] = alternate(infer, 'infer', args.repeats, log)
+    if args.profile:
+        res['profile'] = {v: profile_ops(infer[v].infer, args.profile)
+                          for v in infer}
+        for v, table in res['profile'].items():
+            log(f'{name} {v}: inference, top ops by self CPU time\n{table}')
     del train, infer, fac
     trim_heap()
     torch.manual_seed(0)
@@ -620,7 +665,9 @@ def tables(res: dict) -> str:
     lines = []
     m = res['machine']
     lines.append(f'{m["date"]}; {m["cpu"]}, {m["cores"]} cores, '
-                 f'{m["mem_gb"]} GB; torch {m["torch"]}, '
+                 f'{m["mem_gb"]} GB; ISA: {m.get("isa", "?")} (torch '
+                 f'dispatch {m.get("torch_cpu", "?")}; integer GEMM '
+                 f'{m.get("int_gemm", "?")}); torch {m["torch"]}, '
                  f'{m["threads"]} thread(s); load average '
                  f'{m["loadavg_start"]:.1f} -> {m.get("loadavg_end", 0):.1f}; '
                  f'{res["repeats"]} rounds per variant.')
@@ -721,6 +768,10 @@ def check_targets(res: dict) -> list:
         if i:
             out.append((f'{name} W4A4 fake-quant inference (CPU)',
                         i['cpu_ratio'], TARGETS['infer_time_w4a4_fake']))
+        i = r['infer'].get('w4a4_int')
+        if i:
+            out.append((f'{name} W4A4 integer inference (CPU)',
+                        i['cpu_ratio'], TARGETS['infer_time_w4a4_int']))
     q = [x for x in res.get('qwt', []) if 'peak_mb' in x]
     if len(q) >= 2:
         out.append(('QwT peak memory, most vs fewest images (RSS, glibc '
@@ -773,6 +824,10 @@ def parse_args(argv=None):
     p.add_argument('--no-memory', action='store_true',
                    help='skip the memory worker processes')
     p.add_argument('--no-qwt', action='store_true', help='skip QwT fitting')
+    p.add_argument('--profile', type=int, nargs='?', const=14, default=0,
+                   metavar='ROWS', help='also print a torch.profiler table '
+                   '(top ROWS ops by self CPU time, default 14) of one '
+                   'inference forward per variant')
     p.add_argument('--qwt-images', type=int, nargs='+',
                    default=list(QWT_IMAGES))
     p.add_argument('--qwt-repeats', type=int,

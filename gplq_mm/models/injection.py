@@ -51,7 +51,7 @@ def _qcfg(value, default: QuantConfig, what: str) -> Optional[QuantConfig]:
 
 @dataclass
 class InjectConfig:
-    """What to quantize.  Built from the ``quant=dict(...)`` of ``GPLQModel``.
+    r"""What to quantize.  Built from the ``quant=dict(...)`` of ``GPLQModel``.
 
     Args:
         scope: ``whole`` (backbone + neck + heads) or ``backbone``.

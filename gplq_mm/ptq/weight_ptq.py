@@ -6,8 +6,10 @@ Order (what the paper asks for; docs/design.md §1):
    for the RepQ-ViT-style baseline);
 2. every Linear/Conv2d *outside* the transformer blocks (patch embedding,
    patch merging, neck, heads) is converted to its integer form: activation
-   scale folded into the weight, per-output-channel 4-bit codes with a
-   searched clipping range;
+   scale folded into the weight (``WeightQuantConfig.fold``: with ``'pow2'``,
+   the default, only the part ``t`` of ``s = t * 2^e``; the shifts ``e`` act
+   on the codes), per-output-channel 4-bit codes with a searched clipping
+   range;
 3. transformer blocks in forward order: the block input X is produced by the
    already quantized and compensated model; the block is run with FP32
    weights (Y_fp) and with integer weights (Y_q), both on A4 inputs; the

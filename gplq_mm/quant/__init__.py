@@ -11,7 +11,8 @@ from .functional import (choose_qparams, fake_quantize, fake_quantize_log2,
 from .int4 import pack_int4, unpack_int4
 from .kernels import lsq_conv2d, lsq_linear, quant_attention
 from .modules import (IntQConv2d, IntQLinear, QConv2d, QLinear,
-                      fold_and_quantize_weight, to_integer)
+                      fold_and_quantize_weight, set_int_gemm,
+                      to_integer)
 from .observers import (MinMaxObserver, MSEObserver, PercentileObserver,
                         build_observer)
 from .quantizer import (ActQuantizer, QState, WeightQuantizer,
@@ -25,7 +26,7 @@ __all__ = [
     'log2_dequantize', 'lsq_linear', 'lsq_conv2d', 'quant_attention',
     'quantize', 'search_weight_scale',
     'pack_int4', 'unpack_int4', 'QLinear', 'QConv2d', 'IntQLinear',
-    'IntQConv2d', 'fold_and_quantize_weight', 'to_integer', 'MinMaxObserver',
+    'IntQConv2d', 'fold_and_quantize_weight', 'set_int_gemm', 'to_integer', 'MinMaxObserver',
     'MSEObserver',
     'PercentileObserver', 'build_observer', 'ActQuantizer', 'QState',
     'WeightQuantizer', 'iter_act_quantizers', 'iter_weight_quantizers',

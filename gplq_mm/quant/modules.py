@@ -9,8 +9,10 @@
   ``e = 0``), ``t`` is folded into the weight (``W' = W diag(t)``), ``W'`` is
   quantized per output channel to codes ``Wc`` with scale ``d``, and
   ``y = d * ((Xc << e) @ Wc^T) + b`` where ``Xc`` are the activation codes: an
-  integer shift and an integer GEMM (simulated in float, exactly, since the
-  sums stay far below 2^24) followed by one per-output-channel rescale.
+  integer shift and an integer GEMM followed by one per-output-channel
+  rescale.  The GEMM runs on oneDNN's int8 kernel on x86 CPUs and otherwise
+  in float, exactly, since the sums stay far below 2^24 (:mod:`.int_gemm`;
+  both give the same bits).
 """
 import dataclasses
 from typing import Optional
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as QF
+from . import int_gemm as IG
 from .int4 import pack_int4, unpack_int4_float
 from .kernels import lsq_conv2d, lsq_linear
 from .config import QuantConfig, WeightQuantConfig
@@ -233,6 +236,11 @@ class _IntWeightMixin:
 
     def _init_int_weight(self, shape, bits: int, shift: bool = False):
         self.w_bits = bits
+        #: integer GEMM backend (:mod:`.int_gemm`): 'auto', 'onednn' or
+        #: 'reference'; all give the same bits.  Set it on a whole model
+        #: with :func:`set_int_gemm`.
+        self.int_gemm = 'auto'
+        self._gemm = None  # (key, prepacked GEMM or None); never saved
         self.weight_shape = tuple(shape)
         # per-input-channel left shift of the activation codes (fold='pow2');
         # absent for fold='full', so checkpoints written before it load
@@ -286,6 +294,33 @@ class _IntWeightMixin:
             s = s / torch.exp2(self.input_shift.to(s.dtype)).reshape(s.shape)
         return w / _input_scale_for_weight(s, self.weight_shape)
 
+    def __getstate__(self):
+        # the prepacked oneDNN weight is an opaque tensor: deepcopy and
+        # pickle drop it, the copy rebuilds it on its first forward
+        state = super().__getstate__().copy()
+        state['_gemm'] = None
+        return state
+
+    def _gemm_for(self, device: torch.device):
+        """The prepacked integer GEMM for this layer, or None (reference)."""
+        shift = self.input_shift
+        key = (self.int_gemm, device, self.weight_packed.data_ptr(),
+               self.weight_packed._version, self.weight_scale.data_ptr(),
+               self.weight_scale._version,
+               None if shift is None else (shift.data_ptr(), shift._version))
+        if self._gemm is not None and self._gemm[0] == key:
+            return self._gemm[1]
+        cfg = self.act_quant.cfg
+        max_shift = 0 if shift is None or shift.numel() == 0 else int(
+            shift.max())
+        lo, hi = IG.code_range(cfg.qmin, cfg.qmax, max_shift)
+        backend, zp = IG.choose_backend(self.int_gemm, device, lo, hi,
+                                        self.act_quant.name)
+        gemm = IG.OneDNNLinear(self.weight_codes(), self.weight_scale, zp) \
+            if backend == 'onednn' else None
+        self._gemm = (key, gemm)
+        return gemm
+
     def shifted_codes(self, x: Tensor, axis: int) -> Tensor:
         """Activation codes of ``x``, shifted left by ``input_shift``."""
         xc = self.act_quant.codes(x)
@@ -315,7 +350,12 @@ class IntQLinear(_IntWeightMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.act_quant.check_ready(x)
         xc = self.shifted_codes(x, -1)
-        y = F.linear(xc, self.weight_codes()).mul_(self.weight_scale)
+        gemm = self._gemm_for(x.device)
+        if gemm is None:
+            y = IG.reference_linear(xc, self.weight_codes()).mul_(
+                self.weight_scale)
+        else:
+            y = gemm(xc)  # rescaled in the kernel
         if self.bias is not None:
             y = y.add_(self.bias)
         return y
@@ -407,3 +447,21 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
     if mod.bias is not None:
         out.bias.data.copy_(mod.bias.detach())
     return out.to(mod.weight.device)
+
+
+def set_int_gemm(model: nn.Module, backend: str) -> int:
+    """Choose the integer GEMM of every :class:`IntQLinear` in ``model``.
+
+    ``backend``: ``'auto'`` (default: oneDNN int8 where it runs, else the
+    float reference with a log line), ``'onednn'`` (raise where it cannot
+    run) or ``'reference'``.  All give the same bits.  Returns the number of
+    layers set.
+    """
+    if backend not in IG.BACKENDS:
+        raise ValueError(f'int_gemm={backend!r}: choose one of {IG.BACKENDS}.')
+    n = 0
+    for m in model.modules():
+        if isinstance(m, IntQLinear):
+            m.int_gemm = backend
+            n += 1
+    return n

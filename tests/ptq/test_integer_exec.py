@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from gplq_mm.ptq.weight_ptq import integer_layers
-from gplq_mm.quant import IntQConv2d, IntQLinear
+from gplq_mm.quant import IntQConv2d, IntQLinear, set_int_gemm
+from gplq_mm.quant.int_gemm import onednn_available
 
 
 def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
@@ -125,3 +126,29 @@ def test_int4_codes_fill_the_grid(cls_converted):
                            m.weight_codes()), name
         assert int(wc.min()) <= -7 and int(wc.max()) >= 6, name
         assert bool((m.weight_scale > 0).all()), name
+
+
+@pytest.mark.skipif(not onednn_available(), reason='no oneDNN int8 linear')
+@pytest.mark.parametrize('case', ['cls', 'det'])
+def test_int8_gemm_is_bit_exact_on_the_whole_model(request, case):
+    """The oneDNN int8 GEMM and the float reference give the same bits."""
+    data = request.getfixturevalue(f'{case}_case')
+    model, _ = request.getfixturevalue(f'{case}_converted')
+    inputs = model.data_preprocessor(data.batches[0], False)
+    outs = {}
+    try:
+        for backend in ('reference', 'onednn'):
+            assert set_int_gemm(model, backend) >= 2
+            with torch.no_grad():
+                outs[backend] = model(**inputs, mode='tensor')
+    finally:
+        set_int_gemm(model, 'auto')
+    ref, fast = (torch.utils._pytree.tree_leaves(outs[b])
+                 for b in ('reference', 'onednn'))
+    assert len(ref) == len(fast) > 0
+    for a, b in zip(ref, fast):
+        assert torch.equal(a, b)
+    # the fast path really ran: every linear holds a prepacked weight
+    for m in integer_layers(model.model).values():
+        if isinstance(m, IntQLinear):
+            assert m._gemm is not None and m._gemm[1] is not None

@@ -191,7 +191,8 @@ class GPLQCalibrationHook(Hook):
         total = max(n_scale, n_pca)
         teacher = make_teacher(model) if need_pca else None
         # direct-QAT baseline: weight scales are searched on the folded
-        # weight W diag(s), so only once s is calibrated (in calib.end)
+        # weight (W diag(s), or W diag(t) with fold='pow2'), so only once s
+        # is calibrated (in calib.end)
         calib = ActCalibration(model.model, search_weights=True)
         if need_scales:
             calib.begin()
