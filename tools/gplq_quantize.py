@@ -62,6 +62,9 @@ def parse_args(argv=None):
                    help='allow unsafe unpickling of CHECKPOINT (only for trusted files)')
     p.add_argument('--cfg-options', nargs='+', action=_DictAction, default={},
                    help='override config settings, as in tools/train.py')
+    p.add_argument('--device', default='auto',
+                   help='where stage 2 computes: auto (the GPU when one is '
+                   'visible, else the CPU), cpu, cuda or cuda:N')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                    default='none')
     return p.parse_args(argv)
@@ -121,14 +124,17 @@ def options(args):
         clip_search=args.clip_search, fold=args.fold,
         max_shift=args.max_shift, calib_pipeline=args.calib_pipeline,
         act_observer=args.act_observer,
-        trust_checkpoint=args.trust_checkpoint)
+        trust_checkpoint=args.trust_checkpoint, device=args.device)
 
 
 def start_launcher(launcher: str) -> None:
-    """Stage 2 computes on the CPU (QwT sums in float64): gloo either way.
+    """gloo either way: stage 2's collectives are few and small (observer
+    statistics, the float64 QwT sums, which stay on the CPU), and gloo
+    reduces CPU tensors.
 
-    mmengine's init_dist also pins a CUDA device, which fails on a CPU-only
-    machine, so there torchrun's environment is used directly.  Every rank
+    With GPUs, mmengine's init_dist pins one per process (``--device auto``
+    then computes there).  It fails on a CPU-only machine, so there
+    torchrun's environment is used directly.  Every rank
     computes; only rank 0 touches --out-dir (it alone writes the outputs, the
     log, and undoes its own files if the run fails).
     """
@@ -161,6 +167,7 @@ def quantize(args, outputs) -> int:
     opts.weight_config()  # option errors before anything starts
     if args.launcher != 'none':
         start_launcher(args.launcher)
+    opts.torch_device()  # after the launcher pinned this rank's GPU
     if is_main_process():
         prepare_out_dir(args.out_dir, outputs)
     cfg = Config.fromfile(args.config)

@@ -88,10 +88,16 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     """
     t_start = time.time() if t_start is None else t_start
     w_cfg = opts.weight_config()
+    device = opts.torch_device()
     prepare_config(cfg, opts.method, config_path)
     model = MODELS.build(runner_model_cfg(cfg))
     ckpt, sd = load_source(model, checkpoint, config_path,
                            opts.trust_checkpoint)
+    # forward passes, calibration and the integer layers run on ``device``
+    # (the data preprocessor moves each batch there); the QwT sums stay
+    # float64 on the CPU (QwTSums.update copies each chunk of rows there)
+    model.to(device)
+    log(f'stage 2 computes on {device}')
     if opts.method in ('gplq', 'qat') and not model.all_calibrated():
         raise Stage2Error(
             f'{checkpoint} has no activation scales (an FP32 checkpoint?). '
@@ -193,7 +199,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                    checkpoint_sha256=sha256(ckpt_path),
                    calibration=dict(calib_record,
                                     pipeline=opts.calib_pipeline),
-                   w_bits=opts.w_bits,
+                   w_bits=opts.w_bits, device=str(device),
                    integer_layers=len(integer_layers(model.model)),
                    qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
                    wall_seconds=time.time() - t_start,

@@ -40,6 +40,38 @@ class Stage2Options:
     calib_pipeline: str = 'test'
     act_observer: str = 'percentile'
     trust_checkpoint: bool = False
+    device: str = 'auto'  # auto | cpu | cuda | cuda:N
+
+    def torch_device(self):
+        """The device stage 2 computes on (Stage2Error if unusable).
+
+        ``auto``: the current CUDA device where one is visible (the one
+        ``--launcher`` pinned for this rank), else the CPU.
+        """
+        import torch
+        want = self.device
+        if want == 'auto':
+            want = 'cuda' if torch.cuda.is_available() else 'cpu'
+        try:
+            dev = torch.device(want)
+        except RuntimeError:
+            raise Stage2Error(f'--device {self.device}: not a device; use '
+                              'auto, cpu, cuda or cuda:N.') from None
+        if dev.type not in ('cpu', 'cuda'):
+            raise Stage2Error(f'--device {self.device}: stage 2 runs on cpu '
+                              'or cuda.')
+        if dev.type == 'cuda':
+            if not torch.cuda.is_available():
+                raise Stage2Error(
+                    f'--device {self.device}: no CUDA device is visible '
+                    '(torch.cuda.is_available() is False); use --device cpu.')
+            if dev.index is None:
+                dev = torch.device('cuda', torch.cuda.current_device())
+            elif dev.index >= torch.cuda.device_count():
+                raise Stage2Error(
+                    f'--device {self.device}: only '
+                    f'{torch.cuda.device_count()} CUDA device(s) visible.')
+        return dev
 
     def weight_config(self):
         """The weight quantization config, checked (Stage2Error if not)."""
@@ -241,6 +273,7 @@ def write_w4a4(model, out_cfg, state: dict, meta: dict, cfg_path: str,
     rebuilt = MODELS.build(runner_model_cfg(check))
     loaded = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     load_state_dict(rebuilt, loaded['state_dict'], strict=True)
+    rebuilt.to(next(model.parameters()).device)  # --device
     rebuilt.eval()
     with torch.no_grad():
         a = model.model.extract_feat(

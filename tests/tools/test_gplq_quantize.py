@@ -8,6 +8,7 @@ the raw predictions (``--out``).  Bad input must fail with exit code != 0, a
 one-line ``gplq_quantize: error: ...`` naming problem and fix, no traceback,
 and leave --out-dir as it was.
 """
+import json
 import os
 import os.path as osp
 import pickle
@@ -320,3 +321,40 @@ def test_calibration_data_missing(runs, arch, out_dir, tmp_path):
                  f'train_dataloader.dataset.data_root={tmp_path}/nowhere/'],
           out_dir, tmp_path, 'calibration data not found', 'nowhere/train',
           '--cfg-options train_dataloader.dataset.data_root=DIR/')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is visible')
+@pytest.mark.parametrize('device,expected', [
+    ('cuda', ['--device cuda: no CUDA device is visible', 'use --device cpu']),
+    ('tpu0', ['--device tpu0: not a device', 'auto, cpu, cuda or cuda:N']),
+])
+def test_device_unusable(runs, arch, out_dir, tmp_path, device, expected):
+    a = arch['cls']
+    fails(runs, [a.stage1_cfg, a.w32a4_ckpt, '--device', device], out_dir,
+          tmp_path, *expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_stage2_on_cuda(runs, arch, tmp_path):
+    """Stage 2 runs on the GPU and writes a checkpoint like the CPU's: the
+    stage-1 activation scales unchanged, the weight scales close (the MSE
+    clipping search and QwT see float sums in another order)."""
+    a = arch['cls']
+    sds = {}
+    for dev in ('cpu', 'cuda'):
+        out = tmp_path / dev
+        quantize_ok(runs, a.stage1_cfg, a.w32a4_ckpt, '--out-dir', out,
+                    '--calib-images', '4', '--device', dev, '--name', 'g',
+                    cwd=tmp_path)
+        files = outputs(out, 'g')
+        with open(files['json']) as f:
+            assert json.load(f)['device'].startswith(dev)
+        sds[dev] = torch.load(files['pth'], map_location='cpu',
+                              weights_only=True)['state_dict']
+    scales = [k for k in sds['cpu'] if k.endswith('act_quant.scale')]
+    assert scales
+    for k in scales:
+        assert torch.equal(sds['cpu'][k], sds['cuda'][k]), k
+    for k in (k for k in sds['cpu'] if k.endswith('weight_scale')):
+        torch.testing.assert_close(sds['cpu'][k], sds['cuda'][k], rtol=0.05,
+                                   atol=0, msg=k)
