@@ -45,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument('--no-qwt', action='store_true', help='skip QwT compensation')
     p.add_argument('--qwt-lambda', type=float, default=1e-2,
                    help='ridge lambda of the QwT fit (the bias is not regularised)')
+    p.add_argument('--qwt-cache-gb', type=float, default=2.0,
+                   help='memory for block inputs kept between QwT blocks, '
+                   'so that a block\'s inputs come from the previous block '
+                   'instead of a forward of the model up to it (0: none)')
     p.add_argument('--clip-search', choices=['mse', 'minmax'], default='mse',
                    help='weight clipping range: MSE search over ratios, or abs-max')
     p.add_argument('--fold', choices=['pow2', 'full'], default='pow2',
@@ -124,7 +128,8 @@ def options(args):
         clip_search=args.clip_search, fold=args.fold,
         max_shift=args.max_shift, calib_pipeline=args.calib_pipeline,
         act_observer=args.act_observer,
-        trust_checkpoint=args.trust_checkpoint, device=args.device)
+        trust_checkpoint=args.trust_checkpoint, device=args.device,
+        qwt_cache_gb=args.qwt_cache_gb)
 
 
 def start_launcher(launcher: str) -> None:

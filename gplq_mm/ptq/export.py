@@ -41,6 +41,7 @@ class Stage2Options:
     act_observer: str = 'percentile'
     trust_checkpoint: bool = False
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
+    qwt_cache_gb: float = 2.0  # block inputs kept between QwT blocks
 
     def torch_device(self):
         """The device stage 2 computes on (Stage2Error if unusable).
@@ -78,6 +79,9 @@ class Stage2Options:
         from gplq_mm.quant import WeightQuantConfig
         if self.batch_size < 1:
             raise Stage2Error('--batch-size must be >= 1.')
+        if not self.qwt_cache_gb >= 0:
+            raise Stage2Error(f'--qwt-cache-gb {self.qwt_cache_gb}: use a '
+                              'size >= 0 (0: no cache).')
         if self.qwt_lambda < 0:
             raise Stage2Error(f'--qwt-lambda {self.qwt_lambda}: the ridge '
                               'lambda must be >= 0.')

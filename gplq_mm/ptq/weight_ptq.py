@@ -75,6 +75,9 @@ class PTQReport:
     layers: List[LayerReport] = field(default_factory=list)
     blocks: List[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
+    # forwards run (this process): prefix = model forwards up to a block,
+    # block = FP32 + integer block forwards, chained = block-input cache
+    forwards: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +166,39 @@ def release_heap() -> bool:
     return True
 
 
+def _consecutive(name: str, next_name: str) -> bool:
+    """``next_name`` is the entry after ``name`` in the same block list."""
+    head, _, idx = name.rpartition('.')
+    nhead, _, nidx = next_name.rpartition('.')
+    return head == nhead and idx.isdigit() and nidx.isdigit() and \
+        int(nidx) == int(idx) + 1
+
+
+def _nbytes(obj) -> int:
+    """Memory a cached input keeps alive (whole storages: a view keeps its
+    base)."""
+    if torch.is_tensor(obj):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and \
+            a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and \
+            all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and \
+            all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def _storages(objs) -> set:
     out = set()
     for o in objs:
@@ -185,7 +221,8 @@ def weight_ptq(model: nn.Module,
                use_learned_scale: bool = False,
                logger: Optional[Callable[[str], None]] = None,
                batch_ids: Optional[Sequence[int]] = None,
-               progress: bool = False) -> PTQReport:
+               progress: bool = False,
+               cache_bytes: int = 2 * 2**30) -> PTQReport:
     """Quantize the weights of a calibrated W32A4 ``model`` in place.
 
     Args:
@@ -207,6 +244,18 @@ def weight_ptq(model: nn.Module,
             are all-reduced, so every process fits on all batches.
         progress: Show a progress bar (count, ETA) over the calibration
             batches of each QwT block (mmengine ``ProgressBar``, stdout).
+        cache_bytes: Budget for block inputs kept between blocks (QwT).  A
+            block's input is normally recomputed by a forward of the model up
+            to the block (the "prefix"), so block ``b`` costs ``b`` block
+            forwards per image on top of its own two.  Where the next block
+            is the next entry of the same block list (the blocks of one Swin
+            stage, all ViT layers), the inputs of as many batches as fit in
+            this budget are kept and the next block's inputs are computed
+            from them by one forward of the finished block (checked once per
+            block against the prefix forward, bit for bit; on a mismatch the
+            prefixes are used).  Same results, fewer forwards; memory grows
+            with the number of images up to this budget, then stays flat.
+            0: no cache.
     """
     log = logger or (lambda msg: None)
     t0 = time.time()
@@ -219,6 +268,11 @@ def weight_ptq(model: nn.Module,
     # float64 copies of QwTSums.update, shared by all blocks (reallocated
     # only where the width or the rows per batch grow)
     scratch = QwTScratch()
+    # cache[i]: the current block's (args, kwargs) for local batch i, or
+    # None (that batch runs the prefix forward); None: no cache
+    cache: Optional[List] = None
+    chain_ok = True  # False after a chained input differed from the model's
+    report.forwards = dict(prefix=0, block=0, chained=0)
     for bi, (bname, block) in enumerate(blocks):
         tb = time.time()
         # everything this block keeps is allocated before its first batch:
@@ -236,19 +290,44 @@ def weight_ptq(model: nn.Module,
             [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
         release_heap()  # the previous block's garbage and conversion temps
         i = -1
+        chain = bi + 1 < len(blocks) and _consecutive(bname, blocks[bi + 1][0])
+        if cache is None and chain and cache_bytes > 0 and chain_ok:
+            cache, used = [], 0  # filled from the prefix forwards below
         source = batches()
         bar = _progress_bar(source, f'QwT block {bi + 1}/{len(blocks)} '
                             f'{bname}', log) if progress else None
         for i, batch in enumerate(source):
             g = i if batch_ids is None else _global_id(batch_ids, i)
-            args, kwargs = _block_inputs(model, block, run, batch)
-            del batch
+            cached = cache[i] if cache is not None and i < len(cache) \
+                else None
+            if cached is None or i == 0:
+                args, kwargs = _block_inputs(model, block, run, batch)
+                report.forwards['prefix'] += 1
+                # batch 0: the chained inputs must be the model's own, bit
+                # for bit (its forward may do more between two blocks than
+                # passing the output on); if not, prefixes from here on
+                if cached is not None and not _same(cached, (args, kwargs)):
+                    log(f'{bname}: the input computed from the previous '
+                        "block differs from the model's forward; block "
+                        'inputs are recomputed by prefix forwards from here')
+                    cache, chain_ok = None, False
+            else:
+                args, kwargs = cached
+            if cache is not None and i == len(cache):  # first block of a chain
+                size = _nbytes((args, kwargs))
+                # batch 0 first: it is the one that checks the chain
+                keep = used + size <= cache_bytes and (
+                    i == 0 or cache[0] is not None)
+                cache.append((args, kwargs) if keep else None)
+                used += size if keep else 0
+            del batch, cached
             x = args[0]
             # the prefix forward's temporaries are garbage now: hand their
             # pages back before the two block forwards (see release_heap)
             release_heap()
             res = fp_block(*args, **kwargs)
             y_q = block(*args, **kwargs)
+            report.forwards['block'] += 2
             if res.untyped_storage().data_ptr() in _storages((args, kwargs)):
                 res = res - y_q  # the block returned (a view of) its input
             else:
@@ -278,6 +357,16 @@ def weight_ptq(model: nn.Module,
         fit = fit_qwt(sums[0], sums[1], lam)
         if fit.kept:
             attach_qwt(block, fit.weight, fit.bias)
+        if cache is not None and chain:
+            # the next block's inputs: this (finished) block's outputs
+            for j, c in enumerate(cache):
+                if c is not None:
+                    out = block(*c[0], **c[1])
+                    cache[j] = ((out, ) + tuple(c[0][1:]), c[1])
+                    report.forwards['chained'] += 1
+            release_heap()
+        elif cache is not None:
+            cache = None  # the next block starts a new block list
         report.blocks.append(BlockReport(bname, fit.kept, fit.r2,
                                          fit.err_before, fit.err_after, fit.n,
                                          fit.exact, time.time() - tb))
@@ -285,7 +374,7 @@ def weight_ptq(model: nn.Module,
             f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f} '
             f'({time.time() - tb:.1f}s)')
         del fp_block, sums, fit
-    del scratch
+    del scratch, cache
     release_heap()
     remaining = float_layers(model)
     if remaining:

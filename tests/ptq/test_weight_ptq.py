@@ -1,4 +1,5 @@
 """Stage 2 on tiny real models: integer conversion, W4A4 structure, QwT."""
+import copy
 import importlib
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from gplq_mm.ptq import build_w4a4_structure, transformer_blocks
 from gplq_mm.ptq.convert import QwTMixin, float_layers, integer_fold
-from gplq_mm.ptq.weight_ptq import integer_layers
+from gplq_mm.ptq.weight_ptq import _consecutive, integer_layers
 from gplq_mm.quant import (IntQConv2d, IntQLinear, QConv2d, QLinear,
                            WeightQuantConfig)
 
@@ -250,3 +251,64 @@ def test_streaming_is_batch_partition_independent(det_case, record_fits):
         if b1.kept != b2.kept:
             break  # later block inputs differ legitimately
     assert compared_w >= 1
+
+
+@pytest.mark.parametrize('case,lam', [('cls', 10.0), ('det', 1e-2)])
+def test_block_input_cache_changes_nothing_but_the_forwards(request, case,
+                                                            lam):
+    """Block inputs chained from the previous block (the default) against
+    prefix forwards for every block (cache_bytes=0): the same W4A4 model,
+    bit for bit, with fewer forwards."""
+    data = request.getfixturevalue(f'{case}_case')
+    names = [n for n, _ in transformer_blocks(data.model.model)]
+    # off, ample, and a budget smaller than any batch (nothing kept)
+    runs = {budget: data.convert(lam=lam, cache_bytes=budget)
+            for budget in (0, 2**30, 1)}
+    (m0, r0), (m1, r1), (mt, rt) = runs[0], runs[2**30], runs[1]
+    for m, r in ((m1, r1), (mt, rt)):
+        sd0, sd = m0.state_dict(), m.state_dict()
+        assert sd0.keys() == sd.keys()
+        for k in sd0:
+            assert torch.equal(sd0[k], sd[k]), k
+        assert [(b.name, b.kept, b.r2) for b in r0.blocks] == \
+            [(b.name, b.kept, b.r2) for b in r.blocks]
+    nb, nblocks = len(data.batches), len(names)
+    # without the cache: a prefix forward per batch and block
+    assert r0.forwards == dict(prefix=nb * nblocks, block=2 * nb * nblocks,
+                               chained=0)
+    assert rt.forwards == r0.forwards  # budget too small: the same
+    # with it: prefixes only where a block list starts (and batch 0 of every
+    # chained block, the check), one chained forward per cached input
+    starts = sum(1 for i, n in enumerate(names)
+                 if i == 0 or not _consecutive(names[i - 1], n))
+    chained = nblocks - starts
+    assert r1.forwards == dict(prefix=nb * starts + chained,
+                               block=2 * nb * nblocks, chained=nb * chained)
+    assert r1.forwards['prefix'] < r0.forwards['prefix']
+
+
+def test_chain_mismatch_falls_back_to_prefixes(cls_case):
+    """A model that does more between two blocks than passing the output on
+    (here: a hook that scales block 1's input) is detected on batch 0 and
+    handled by prefix forwards; the result equals the no-cache run."""
+    logs = []
+
+    def convert(cache_bytes):
+        from gplq_mm.ptq.weight_ptq import weight_ptq
+        from gplq_mm.quant import WeightQuantConfig
+        model = copy.deepcopy(cls_case.model)
+        blk = model.model.backbone.layers[1]
+        blk.register_forward_pre_hook(
+            lambda mod, args: (args[0] * 1.5, ) + tuple(args[1:]))
+        report = weight_ptq(model.model, lambda: cls_case.batches,
+                            cls_case.backbone_runner(model),
+                            WeightQuantConfig(), lam=10.0,
+                            cache_bytes=cache_bytes, logger=logs.append)
+        return model, report
+
+    ref, _ = convert(0)
+    got, rep = convert(2**30)
+    assert any('differs from the model' in m for m in logs)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, got.state_dict()[k]), k
+    assert rep.forwards['chained'] > 0  # block 0 -> 1 was tried, then stopped

@@ -250,3 +250,21 @@ def test_mse_observer_beats_minmax_and_percentiles(dist, signed):
     assert errs['mse'] < errs['minmax'], errs
     if dist in ('laplace', 'student3'):  # heavy tails
         assert errs['mse'] < 0.5 * errs['minmax'], errs
+
+
+@pytest.mark.parametrize('axis', [-1, 1, None])
+def test_percentile_histogram_exact_in_both_precisions(axis):
+    """Bins are computed in float32 unless a row's range is below 2^-100
+    (then float64): both give numpy's float64 histogram exactly, including
+    values on bin edges, an all-zero row and half-precision input."""
+    x = torch.randn(6, 4, 8) * 3
+    x[..., 0, :] = torch.arange(-8, 8, 2.0).reshape(1, -1)  # powers/edges
+    x[:, 2] = 0.0
+    tiny = x.clone()
+    tiny[:, 1] *= 1e-33  # R ~ 2^-107: float64 path
+    for data in (x, tiny, x.half()):
+        n = 1 if axis is None else data.shape[axis]
+        obs = PercentileObserver(n, axis, bins=256, percentile=(0.0, 100.0))
+        obs.update(data)
+        ref, _ = np_histogram(np_rows(data.double().numpy(), axis), 256)
+        np.testing.assert_array_equal(obs.hist.numpy(), ref)
