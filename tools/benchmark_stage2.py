@@ -142,8 +142,9 @@ def fp32_forward_seconds(cfg, model, device: str, repeats: int = 3):
 def stage2(cfg_path, ckpt, out, images, qwt, device, timeout):
     cmd = [sys.executable, osp.join(REPO, 'tools', 'gplq_quantize.py'),
            cfg_path, ckpt, '--method', 'repq', '--out-dir', out,
-           '--calib-images', str(images), '--batch-size', '1', '--name', 'b',
-           '--device', device]
+           '--calib-images', str(images), '--batch-size', '1', '--name', 'b']
+    if device != 'cpu':
+        cmd += ['--device', device]
     if not qwt:
         cmd.append('--no-qwt')
     t = time.time()
@@ -158,6 +159,7 @@ def stage2(cfg_path, ckpt, out, images, qwt, device, timeout):
                 wall_s=rep['wall_seconds'], calib_s=rep['calib_seconds'],
                 ptq_s=rep['ptq_seconds'], peak_rss_mib=rep['peak_rss_mib'],
                 qwt_blocks_kept=rep['qwt_blocks_kept'],
+                forwards=rep['report'].get('forwards'),
                 block_s=[b.get('seconds') for b in rep['report']['blocks']])
 
 
