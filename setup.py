@@ -34,10 +34,13 @@ setup(
     ],
     extras_require={
         'tests': ['pytest>=7'],
+        # ONNX export (tools/export_onnx.py: INT4 needs opset 21) and its
+        # check in onnxruntime.  Pinned beside numpy 1.26: an unpinned onnx
+        # pulls numpy 2 through ml_dtypes 0.7 and breaks the mm* stack.
+        'deploy': ['onnx==1.23.2', 'onnxruntime==1.32.0', 'ml_dtypes==0.5.4'],
         # the real pretrained demo: DINOv2 weights are read from an ONNX file
         # (onnx; onnxruntime checks the conversion), downstream linear probes
-        # (scikit-learn).  Pinned beside numpy 1.26: an unpinned onnx pulls
-        # numpy 2 through ml_dtypes 0.7.
+        # (scikit-learn).
         'demo': ['onnx==1.23.2', 'onnxruntime==1.32.0', 'ml_dtypes==0.5.4',
                  'scikit-learn==1.5.2'],
     },

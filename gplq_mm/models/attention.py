@@ -49,7 +49,10 @@ class _QAttnMixin:
         """Quantizer arguments of :func:`quant_attention`, or ``None`` when
         the op-by-op forward must run (calibration, quantizers off, attention
         dropout, autocast, mixed dtypes of ``q`` and ``others``)."""
+        # (an ONNX export traces the op-by-op forward: one gplq::QDQ node
+        # per quantizer)
         if not FUSED_ATTENTION or attn_drop_active or \
+                torch.onnx.is_in_onnx_export() or \
                 torch.is_autocast_enabled(q.device.type) or \
                 any(t is not None and t.dtype != q.dtype for t in others):
             return None

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import functional as QF
 from . import int_gemm as IG
+from . import onnx_ops
 from .int4 import pack_int4, unpack_int4_float
 from .kernels import lsq_conv2d, lsq_linear
 from .config import QuantConfig, WeightQuantConfig
@@ -349,6 +350,8 @@ class IntQLinear(_IntWeightMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.act_quant.check_ready(x)
+        if torch.onnx.is_in_onnx_export():  # one gplq::IntLinear node
+            return onnx_ops.int_linear(self, x)
         xc = self.shifted_codes(x, -1)
         gemm = self._gemm_for(x.device)
         if gemm is None:
@@ -391,6 +394,8 @@ class IntQConv2d(_IntWeightMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.act_quant.check_ready(x)
+        if torch.onnx.is_in_onnx_export():  # one gplq::IntConv node
+            return onnx_ops.int_conv(self, x)
         xc = self.shifted_codes(x, 1)
         y = F.conv2d(xc, self.weight_codes(), None, self.stride, self.padding,
                      self.dilation, self.groups)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as QF
+from . import onnx_ops
 from .config import QuantConfig, WeightQuantConfig
 from .observers import build_observer
 
@@ -112,6 +113,8 @@ class ActQuantizer(nn.Module):
             self.observer.update(x)
             return x
         self.check_ready(x)
+        if torch.onnx.is_in_onnx_export():  # one gplq::QDQ node
+            return onnx_ops.qdq(x, self.scale, self.cfg, self.name)
         s = self.effective_scale(x.ndim)
         if self.cfg.kind == 'log2':
             return QF.fake_quantize_log2(x, s, self.cfg.bits)

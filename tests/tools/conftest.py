@@ -144,3 +144,20 @@ def cls_w4a4(arch, runs, tmp_path_factory):
     base = str(out / 'gplq_deit-micro_cls_w32a4_w4a4')
     return SimpleNamespace(arch=a, cfg=base + '.py', ckpt=base + '.pth',
                            report=base + '.json')
+
+
+@pytest.fixture(scope='session')
+def det_w4a4(arch, runs, tmp_path_factory):
+    """W4A4 config + checkpoint of the micro Mask R-CNN Swin, written by
+    ``gplq_quantize.py`` (4 calibration images, QwT)."""
+    from types import SimpleNamespace
+
+    from gplq_test_utils import tail
+    a = arch['det']
+    out = tmp_path_factory.mktemp('det_w4a4')
+    proc = runs.quantize(a.stage1_cfg, a.w32a4_ckpt, '--out-dir', out,
+                         '--calib-images', 4, '--batch-size', 2, cwd=out)
+    assert proc.returncode == 0, tail(proc)
+    base = str(out / osp.splitext(osp.basename(a.stage1_cfg))[0]) + '_w4a4'
+    return SimpleNamespace(arch=a, cfg=base + '.py', ckpt=base + '.pth',
+                           report=base + '.json')
