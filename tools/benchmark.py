@@ -505,6 +505,13 @@ def time_model(name: str, args, log) -> dict:
                           for v in infer}
         for v, table in res['profile'].items():
             log(f'{name} {v}: inference, top ops by self CPU time\n{table}')
+        # the training step: FP32 against Act-QAT, op by op
+        res['profile_train'] = {
+            v: profile_ops(train[v].train_step, args.profile)
+            for v in ('fp32', 'actqat') if v in train}
+        for v, table in res['profile_train'].items():
+            log(f'{name} {v}: training step, top ops by self CPU time\n'
+                f'{table}')
     del train, infer, fac
     trim_heap()
     torch.manual_seed(0)

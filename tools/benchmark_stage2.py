@@ -79,6 +79,11 @@ def parse_args(argv=None):
                    help='calibration image counts (at least two; default 4 8)')
     p.add_argument('--no-qwt-runs', action='store_true',
                    help='only the runs without QwT')
+    p.add_argument('--qwt-runs-only', action='store_true',
+                   help='only the runs with QwT')
+    p.add_argument('--qwt-cache-gb', type=float, default=None,
+                   help='stage 2 --qwt-cache-gb for the QwT runs (default: '
+                   "the tool's); 0 recomputes every block input")
     p.add_argument('--device', default='cpu',
                    help='stage 2 --device, and where the FP32 forward runs')
     p.add_argument('--work-dir', default='work_dirs/benchmark_stage2')
@@ -139,7 +144,8 @@ def fp32_forward_seconds(cfg, model, device: str, repeats: int = 3):
     return statistics.median(times[1:]), shape
 
 
-def stage2(cfg_path, ckpt, out, images, qwt, device, timeout):
+def stage2(cfg_path, ckpt, out, images, qwt, device, timeout,
+           cache_gb=None):
     cmd = [sys.executable, osp.join(REPO, 'tools', 'gplq_quantize.py'),
            cfg_path, ckpt, '--method', 'repq', '--out-dir', out,
            '--calib-images', str(images), '--batch-size', '1', '--name', 'b']
@@ -147,6 +153,8 @@ def stage2(cfg_path, ckpt, out, images, qwt, device, timeout):
         cmd += ['--device', device]
     if not qwt:
         cmd.append('--no-qwt')
+    elif cache_gb is not None:
+        cmd += ['--qwt-cache-gb', str(cache_gb)]
     t = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           timeout=timeout)
@@ -160,6 +168,7 @@ def stage2(cfg_path, ckpt, out, images, qwt, device, timeout):
                 ptq_s=rep['ptq_seconds'], peak_rss_mib=rep['peak_rss_mib'],
                 qwt_blocks_kept=rep['qwt_blocks_kept'],
                 forwards=rep['report'].get('forwards'),
+                phases=rep.get('phases'),
                 block_s=[b.get('seconds') for b in rep['report']['blocks']])
 
 
@@ -174,10 +183,13 @@ def main(argv=None):
           flush=True)
     del model
     runs = []
-    for qwt in ((False,) if args.no_qwt_runs else (False, True)):
+    kinds = (False, ) if args.no_qwt_runs else (True, ) \
+        if args.qwt_runs_only else (False, True)
+    for qwt in kinds:
         for n in sorted(set(args.images)):
             out = osp.join(args.work_dir, f'n{n}_{"qwt" if qwt else "noqwt"}')
-            r = stage2(cfg_path, ckpt, out, n, qwt, args.device, args.timeout)
+            r = stage2(cfg_path, ckpt, out, n, qwt, args.device, args.timeout,
+                       args.qwt_cache_gb)
             runs.append(r)
             print(f'{n:4d} images, QwT {"yes" if qwt else "no "}: wall '
                   f'{r["wall_s"]:.0f} s (calibration {r["calib_s"]:.0f} s, '
@@ -194,12 +206,13 @@ def main(argv=None):
             per_image_s=per, fixed_s=fixed, per_image_vs_fp32=per / fwd,
             extrapolated_512_h=(fixed + 512 * per) / 3600,
             peak_ratio=b['peak_rss_mib'] / a['peak_rss_mib'])
-    if 'qwt' in summary:
+    if 'qwt' in summary and 'no_qwt' in summary:
         summary['qwt_vs_no_qwt'] = summary['qwt']['per_image_s'] / \
             summary['no_qwt']['per_image_s']
     for k, v in summary.items():
         print(k, json.dumps(v) if isinstance(v, dict) else f'{v:.2f}')
     res = dict(device=args.device, fp32_forward_s=fwd, input_shape=shape,
+               qwt_cache_gb=args.qwt_cache_gb,
                threads=torch.get_num_threads(), runs=runs, summary=summary,
                date=time.strftime('%Y-%m-%d %H:%M'))
     path = osp.join(args.work_dir, 'benchmark_stage2.json')

@@ -79,18 +79,10 @@ def build_model(config: str, checkpoint: str):
     """The model of ``config`` with ``checkpoint`` loaded strictly, as the
     stock test script builds it (the config's ``data_preprocessor`` merged
     in, ``custom_imports`` imported)."""
-    from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner import load_checkpoint
-    from mmengine.utils import import_modules_from_strings
-    cfg = Config.fromfile(config)
-    if cfg.get('custom_imports'):
-        import_modules_from_strings(**cfg.custom_imports)
-    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    model_cfg = copy.deepcopy(cfg.model)
-    if cfg.get('data_preprocessor') is not None:
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
+
+    from gplq_mm.engine.build import build_from_config
+    cfg, model = build_from_config(config, default_scope='mmpretrain')
     load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
                     logger='silent')
     model.eval()

@@ -59,23 +59,11 @@ def load_model(config: str, checkpoint: str, trust: bool = False,
     ``custom_imports`` imported, its ``data_preprocessor`` merged in, the
     checkpoint read safely (``trust`` allows pickled objects) and loaded
     strictly (GPLQModel's load hook names any mismatching key)."""
-    from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
-    from mmengine.utils import import_modules_from_strings
-
+    from gplq_mm.engine.build import build_from_config
     from gplq_mm.engine.safe_checkpoint import load_checkpoint_file
     if not osp.isfile(config):
         raise ExportError(f'config {config!r} does not exist.')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if cfg.get('custom_imports'):
-        import_modules_from_strings(**cfg.custom_imports)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    model_cfg = copy.deepcopy(cfg.model)
-    if cfg.get('data_preprocessor') is not None:
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
+    cfg, model = build_from_config(config, cfg_options)
     try:
         ckpt = load_checkpoint_file(checkpoint, trust=trust)
     except (FileNotFoundError, RuntimeError) as e:

@@ -7,6 +7,7 @@ in, a W4A4 config + checkpoint + JSON report out.
 is library code: calibration (:mod:`gplq_mm.ptq.calib`), weight PTQ + QwT
 (:mod:`gplq_mm.ptq.weight_ptq`) and the export (:mod:`gplq_mm.ptq.export`).
 """
+import contextlib
 import json
 import os.path as osp
 import pickle
@@ -65,6 +66,36 @@ def load_source(model, checkpoint: str, config_path: str,
     return ckpt, sd
 
 
+class Phases:
+    """Wall time and memory of each phase of stage 2, for the JSON report.
+
+    ``peak_rss_mib`` is the process's peak resident memory at the end of the
+    phase (the kernel keeps only the peak so far, so it never decreases);
+    on CUDA, ``peak_cuda_mib`` is the phase's own peak of allocated memory.
+    """
+
+    def __init__(self, device: torch.device, log: Callable[[str], None]):
+        self.device, self.log, self.rows = device, log, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        cuda = self.device.type == 'cuda'
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.time()
+        yield
+        row = dict(seconds=time.time() - t0, peak_rss_mib=resource.getrusage(
+            resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if cuda:
+            row['peak_cuda_mib'] = \
+                torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.rows[name] = row
+        self.log(f'{name}: {row["seconds"]:.1f} s, peak RSS '
+                 f'{row["peak_rss_mib"]:.0f} MiB' +
+                 (f', CUDA peak {row["peak_cuda_mib"]:.0f} MiB'
+                  if cuda else ''))
+
+
 def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                         name: str, opts: Stage2Options, outputs: OutputFiles,
                         log: Callable[[str], None],
@@ -89,14 +120,17 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     t_start = time.time() if t_start is None else t_start
     w_cfg = opts.weight_config()
     device = opts.torch_device()
+    phases = Phases(device, log)
     prepare_config(cfg, opts.method, config_path)
-    model = MODELS.build(runner_model_cfg(cfg))
-    ckpt, sd = load_source(model, checkpoint, config_path,
-                           opts.trust_checkpoint)
-    # forward passes, calibration and the integer layers run on ``device``
-    # (the data preprocessor moves each batch there); the QwT sums stay
-    # float64 on the CPU (QwTSums.update copies each chunk of rows there)
-    model.to(device)
+    with phases('load'):
+        model = MODELS.build(runner_model_cfg(cfg))
+        ckpt, sd = load_source(model, checkpoint, config_path,
+                               opts.trust_checkpoint)
+        # forward passes, calibration and the integer layers run on
+        # ``device`` (the data preprocessor moves each batch there); the QwT
+        # sums stay float64 on the CPU (QwTSums.update copies each chunk of
+        # rows there)
+        model.to(device)
     log(f'stage 2 computes on {device}')
     if opts.method in ('gplq', 'qat') and not model.all_calibrated():
         raise Stage2Error(
@@ -144,17 +178,19 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
         if opts.method == 'repq':
             override_observers(model, opts.act_observer)
             t_cal = time.time()
-            calibrate_activations(model, loader, full_forward, log,
-                                  progress=is_main_process())
+            with phases('calibration'):
+                calibrate_activations(model, loader, full_forward, log,
+                                      progress=is_main_process())
             calib_seconds = time.time() - t_cal
 
-        report = weight_ptq(model.model, lambda: loader, backbone_forward,
-                            w_cfg, qwt=opts.qwt, lam=opts.qwt_lambda,
-                            use_learned_scale=opts.method == 'qat',
-                            logger=log,
-                            batch_ids=loader.batch_sampler.global_ids,
-                            progress=is_main_process(),
-                            cache_bytes=int(opts.qwt_cache_gb * 2**30))
+        with phases('weight_ptq'):  # clipping search, QwT (per block: report)
+            report = weight_ptq(model.model, lambda: loader, backbone_forward,
+                                w_cfg, qwt=opts.qwt, lam=opts.qwt_lambda,
+                                use_learned_scale=opts.method == 'qat',
+                                logger=log,
+                                batch_ids=loader.batch_sampler.global_ids,
+                                progress=is_main_process(),
+                                cache_bytes=int(opts.qwt_cache_gb * 2**30))
     except NonFiniteError as e:  # in the images (named) or inside the model
         raise Stage2Error(f'{e} Nothing was written.') from None
     kept: List[str] = [b.name for b in report.blocks if b.kept]
@@ -189,7 +225,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     ckpt_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.pth'))
     json_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.json'))
     write_w4a4(model, out_cfg, state, meta, cfg_path, ckpt_path,
-               next(iter(loader)))
+               next(iter(loader)), phase=phases)
 
     sizes = dict(source_checkpoint_bytes=osp.getsize(checkpoint),
                  source_state_dict_bytes=src_sd_bytes,
@@ -207,7 +243,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                    calib_seconds=calib_seconds, ptq_seconds=report.seconds,
                    peak_rss_mib=resource.getrusage(
                        resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   **sizes, report=report.to_dict())
+                   phases=phases.rows, **sizes, report=report.to_dict())
     atomic_write(json_path,
                  lambda p: write_text(p, json.dumps(summary, indent=1)))
     return summary

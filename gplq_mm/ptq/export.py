@@ -10,6 +10,7 @@ report are, and how they are written); run end to end by
   self-check them by rebuilding the model from the written config;
 * :class:`OutputFiles`: what a run wrote, removed again if it fails.
 """
+import contextlib
 import io
 import os
 import os.path as osp
@@ -255,7 +256,7 @@ def prepare_config(cfg, method: str, config_path: str) -> None:
 
 
 def write_w4a4(model, out_cfg, state: dict, meta: dict, cfg_path: str,
-               ckpt_path: str, check_batch) -> None:
+               ckpt_path: str, check_batch, phase=None) -> None:
     """Write the W4A4 config and checkpoint, then self-check them.
 
     The checkpoint is byte-reproducible: no wall-clock time in it (it is in
@@ -264,15 +265,26 @@ def write_w4a4(model, out_cfg, state: dict, meta: dict, cfg_path: str,
     model built from the written config must load the checkpoint strictly
     and compute exactly what ``model`` (the converted model) does on
     ``check_batch``; if not, both files are removed and Stage2Error raised.
+    ``phase(name)``: a context timing the 'export' and 'self_check' parts.
     """
-    from mmengine.config import Config
-    from mmengine.registry import MODELS
-    from mmengine.runner import load_state_dict
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase('export'):
+        _write_files(out_cfg, state, meta, cfg_path, ckpt_path)
+    with phase('self_check'):
+        _self_check(model, cfg_path, ckpt_path, check_batch)
+
+
+def _write_files(out_cfg, state, meta, cfg_path, ckpt_path) -> None:
     atomic_write(cfg_path, lambda p: out_cfg.dump(p))
     buf = io.BytesIO()
     torch.save(dict(state_dict=state, meta=meta), buf)
     atomic_write(ckpt_path, lambda p: write_bytes(p, buf.getvalue()))
-    del buf
+
+
+def _self_check(model, cfg_path: str, ckpt_path: str, check_batch) -> None:
+    from mmengine.config import Config
+    from mmengine.registry import MODELS
+    from mmengine.runner import load_state_dict
     check = Config.fromfile(cfg_path)
     rebuilt = MODELS.build(runner_model_cfg(check))
     loaded = torch.load(ckpt_path, map_location='cpu', weights_only=True)

@@ -138,6 +138,14 @@ def test_stage2_then_stock_test_script(runs, arch, tmp_path, name, blocks):
     assert '2/2' in proc.stdout and 'ETA' in proc.stdout
     secs = [b['seconds'] for b in report['report']['blocks']]
     assert all(t > 0 for t in secs) and sum(secs) <= report['ptq_seconds']
+    # time and memory per phase, in order; the RSS peak never decreases
+    phases = report['phases']
+    assert list(phases) == ['load', 'weight_ptq', 'export', 'self_check']
+    assert all(p['seconds'] > 0 for p in phases.values())
+    assert phases['weight_ptq']['seconds'] >= report['ptq_seconds']
+    rss = [p['peak_rss_mib'] for p in phases.values()]
+    assert rss == sorted(rss) and rss[-1] <= report['peak_rss_mib']
+    assert 'self_check: ' in proc.stdout + proc.stderr
 
     stock = stock_test(runs, a, files['py'], files['pth'],
                        str(tmp_path / 'stock'), str(tmp_path / 'stock.pkl'))
@@ -164,6 +172,10 @@ def test_repq_from_fp32_with_plain_config(runs, arch, tmp_path):
     ckpt, report = check_w4a4_files(files, a.fp32_ckpt, CLS_BLOCKS)
     assert report['method'] == 'repq'
     assert ckpt['meta']['gplq']['calib_images'] == 8
+    assert list(report['phases']) == ['load', 'calibration', 'weight_ptq',
+                                      'export', 'self_check']
+    assert report['phases']['calibration']['seconds'] <= \
+        report['calib_seconds']
     # calibrated on *normalised* images, as the stock test script feeds them
     # (mmpretrain keeps mean/std in the top-level data_preprocessor): the
     # 8-bit patch-embedding input scale is ~max|x|/127 with |x| < 3, not ~2
