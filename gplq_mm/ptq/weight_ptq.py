@@ -293,6 +293,12 @@ def weight_ptq(model: nn.Module,
         chain = bi + 1 < len(blocks) and _consecutive(bname, blocks[bi + 1][0])
         if cache is None and chain and cache_bytes > 0 and chain_ok:
             cache, used = [], 0  # filled from the prefix forwards below
+        # outs[i]: the quantized block's output on cached batch i, kept
+        # (within the budget) so that the next block's input is
+        # ``outs[i] + qwt(x)`` -- QwTMixin's forward -- without running the
+        # block again
+        outs: Dict[int, torch.Tensor] = {}
+        extra = 0
         source = batches()
         bar = _progress_bar(source, f'QwT block {bi + 1}/{len(blocks)} '
                             f'{bname}', log) if progress else None
@@ -315,8 +321,12 @@ def weight_ptq(model: nn.Module,
                 args, kwargs = cached
             if cache is not None and i == len(cache):  # first block of a chain
                 size = _nbytes((args, kwargs))
+                # inputs before outputs (an input saves a prefix forward, an
+                # output only a block forward): make room by dropping outputs
+                while outs and used + extra + size > cache_bytes:
+                    extra -= _nbytes(outs.popitem()[1])
                 # batch 0 first: it is the one that checks the chain
-                keep = used + size <= cache_bytes and (
+                keep = used + extra + size <= cache_bytes and (
                     i == 0 or cache[0] is not None)
                 cache.append((args, kwargs) if keep else None)
                 used += size if keep else 0
@@ -328,6 +338,11 @@ def weight_ptq(model: nn.Module,
             res = fp_block(*args, **kwargs)
             y_q = block(*args, **kwargs)
             report.forwards['block'] += 2
+            if cache is not None and chain and i < len(cache) and \
+                    cache[i] is not None:
+                size = _nbytes(y_q)
+                if used + extra + size <= cache_bytes:
+                    outs[i], extra = y_q, extra + size
             if res.untyped_storage().data_ptr() in _storages((args, kwargs)):
                 res = res - y_q  # the block returned (a view of) its input
             else:
@@ -360,10 +375,15 @@ def weight_ptq(model: nn.Module,
         if cache is not None and chain:
             # the next block's inputs: this (finished) block's outputs
             for j, c in enumerate(cache):
-                if c is not None:
+                if c is None:
+                    continue
+                out = outs.pop(j, None)
+                if out is None:
                     out = block(*c[0], **c[1])
-                    cache[j] = ((out, ) + tuple(c[0][1:]), c[1])
                     report.forwards['chained'] += 1
+                elif fit.kept:  # QwTMixin.forward, its block part reused
+                    out = out + block.qwt(c[0][0])
+                cache[j] = ((out, ) + tuple(c[0][1:]), c[1])
             release_heap()
         elif cache is not None:
             cache = None  # the next block starts a new block list
@@ -373,7 +393,7 @@ def weight_ptq(model: nn.Module,
         log(f'QwT block {bi + 1}/{len(blocks)} {bname}: '
             f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f} '
             f'({time.time() - tb:.1f}s)')
-        del fp_block, sums, fit
+        del fp_block, sums, fit, outs
     del scratch, cache
     release_heap()
     remaining = float_layers(model)
