@@ -250,10 +250,13 @@ def weight_ptq(model: nn.Module,
             forwards per image on top of its own two.  Where the next block
             is the next entry of the same block list (the blocks of one Swin
             stage, all ViT layers), the inputs of as many batches as fit in
-            this budget are kept and the next block's inputs are computed
-            from them by one forward of the finished block (checked once per
-            block against the prefix forward, bit for bit; on a mismatch the
-            prefixes are used).  Same results, fewer forwards; memory grows
+            this budget are kept and the next block's inputs are the
+            quantized block's outputs (computed anyway for the QwT target)
+            plus the fitted compensation -- or, for a batch whose output did
+            not fit after the inputs, one forward of the finished block
+            (checked once per block against the prefix forward, bit for bit;
+            on a mismatch the prefixes are used).  Same results, fewer
+            forwards; memory grows
             with the number of images up to this budget, then stays flat.
             0: no cache.
     """
