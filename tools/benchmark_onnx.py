@@ -86,7 +86,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     from gplq_mm.deploy.model_export import (deploy_part, example_batch,
-                                             load_model)
+                                             load_model, test_loader)
     from gplq_mm.deploy.onnx_export import export_onnx, ort_session
     os.makedirs(args.work_dir, exist_ok=True)
     cfg, w4 = load_model(args.w4a4_config, args.w4a4_checkpoint)
@@ -132,14 +132,8 @@ def main(argv=None):
                  top1_correct_ort=0, top1_correct_noise=0)
     noisy = float_noise(w4, args.noise_ulps)
     if args.agree_batches > 0 and args.shape is None:
-        from mmengine.runner import Runner
-        import copy
-        dl = copy.deepcopy(cfg.test_dataloader)
-        dl.batch_size, dl.num_workers = args.batch_size, 0
-        dl.pop('persistent_workers', None)
-        dl.sampler = dict(type='DefaultSampler', shuffle=False)
         mod, _, _ = deploy_part(w4)
-        for b, batch in enumerate(Runner.build_dataloader(dl)):
+        for b, batch in enumerate(test_loader(cfg, args.batch_size)):
             if b == args.agree_batches:
                 break
             with torch.no_grad():

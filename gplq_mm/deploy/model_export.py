@@ -109,6 +109,17 @@ def deploy_part(model: nn.Module):
         'known part of it to export.')
 
 
+def test_loader(cfg, batch_size: int):
+    """The config's test split in order, ``batch_size`` images a batch, in
+    this process (no workers)."""
+    from mmengine.runner import Runner
+    dl = copy.deepcopy(cfg.test_dataloader)
+    dl.batch_size, dl.num_workers = batch_size, 0
+    dl.pop('persistent_workers', None)
+    dl.sampler = dict(type='DefaultSampler', shuffle=False)
+    return Runner.build_dataloader(dl)
+
+
 def example_batch(cfg, model, batch_size: int = 1,
                   shape: Optional[Sequence[int]] = None, seed: int = 0):
     """The export's example input: the first ``batch_size`` images of the
@@ -117,13 +128,8 @@ def example_batch(cfg, model, batch_size: int = 1,
     if shape is not None:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(batch_size, 3, *shape, generator=g)
-    from mmengine.runner import Runner
-    dl = copy.deepcopy(cfg.test_dataloader)
-    dl.batch_size, dl.num_workers = batch_size, 0
-    dl.pop('persistent_workers', None)
-    dl.sampler = dict(type='DefaultSampler', shuffle=False)
     try:
-        batch = next(iter(Runner.build_dataloader(dl)))
+        batch = next(iter(test_loader(cfg, batch_size)))
     except Exception as e:
         raise ExportError(
             f'could not read a test image through the config\'s '
