@@ -94,10 +94,7 @@ def main(argv=None):
     x = example_batch(cfg, w4, args.batch_size, args.shape)
     files, info = {}, {}
     for tag, model, req in (('w4a4', w4, True), ('fp32', fp, False)):
-        mod, names, what = deploy_part(model)
-        if names is None:
-            with torch.no_grad():
-                names = tuple(f'feat{i}' for i in range(len(mod(x))))
+        mod, names, what = deploy_part(model, x)
         files[tag] = osp.join(args.work_dir, f'{tag}.onnx')
         i = export_onnx(mod, x, files[tag], output_names=names,
                         require_w4a4=req)

@@ -30,7 +30,11 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             p.error(f'{path}: no such file')
     from gplq_mm.demo.probe import make_downstream, probe
-    sets = make_downstream(args.data_root, args.num_train, args.num_test)
+    try:
+        sets = make_downstream(args.data_root, args.num_train, args.num_test)
+    except ValueError as e:
+        p.error(str(e).replace('num_train=', '--num-train ')
+                .replace('num_test=', '--num-test '))
     res = probe(args.config, args.checkpoint, sets,
                 log=lambda m: print(f'[linear_probe] {m}', flush=True))
     print(f'[linear_probe] average: {res["average"]:.2f}')

@@ -32,6 +32,15 @@ def make_downstream(root: str, num_train: int = 500, num_test: int = 300,
                     seed: int = 0) -> Dict[str, str]:
     """Write the downstream sets under ``root`` (cached by manifest);
     returns ``{name: set root}`` with ``train/`` and ``val/`` (test) splits."""
+    # fit_probe picks C on a stratified 20% of the train split: it needs at
+    # least one image of each of the 10 classes there
+    if num_train < 50:
+        raise ValueError(f'num_train={num_train}: the probe chooses its C on '
+                         '20% of the downstream train split, one image per '
+                         'class at least; use 50 or more training images.')
+    if num_test < 10:
+        raise ValueError(f'num_test={num_test}: use at least 10 test images '
+                         '(one per class).')
     from gplq_mm.demo.data import make_classification
     out = {}
     d = osp.join(root, 'digits')

@@ -92,15 +92,23 @@ def load_model(config: str, checkpoint: str, trust: bool = False,
     return cfg, model
 
 
-def deploy_part(model: nn.Module):
-    """(module to export, output names, what) for a classifier or detector."""
+def deploy_part(model: nn.Module, x: Optional[torch.Tensor] = None):
+    """(module to export, output names, what) for a classifier or detector.
+
+    A detector's outputs are its feature maps ``feat0 .. featN-1``; their
+    number is counted by one forward on ``x`` (names None without ``x``).
+    """
     inner = getattr(model, 'model', model)
     if hasattr(inner, 'neck') and hasattr(inner, 'rpn_head') or \
             hasattr(inner, 'roi_head') or hasattr(inner, 'bbox_head'):
         if not hasattr(inner, 'extract_feat'):
             raise ExportError(f'{type(inner).__name__}: a detector without '
                               'extract_feat cannot be exported.')
-        return Features(model), None, 'detector backbone + neck'
+        module, names = Features(model), None
+        if x is not None:
+            with torch.no_grad():
+                names = tuple(f'feat{i}' for i in range(len(module(x))))
+        return module, names, 'detector backbone + neck'
     if hasattr(inner, 'head') and hasattr(inner, 'extract_feat'):
         return Logits(model), ('logits', ), 'classifier'
     raise ExportError(
@@ -149,11 +157,8 @@ def export_checkpoint(config: str, checkpoint: str, out: str,
     if not out.endswith('.onnx'):
         raise ExportError(f'--out {out!r}: give a path ending in .onnx.')
     cfg, model = load_model(config, checkpoint, trust, cfg_options)
-    module, names, what = deploy_part(model)
     x = example_batch(cfg, model, batch_size, shape)
-    if names is None:
-        with torch.no_grad():
-            names = tuple(f'feat{i}' for i in range(len(module(x))))
+    module, names, what = deploy_part(model, x)
     t0 = time.time()
     info = export_onnx(module, x, out, output_names=names)
     report = dict(config=config, checkpoint=checkpoint, onnx=out, part=what,

@@ -174,6 +174,47 @@ def _consecutive(name: str, next_name: str) -> bool:
         int(nidx) == int(idx) + 1
 
 
+def _chain_glue(model: nn.Module, name: str, next_name: str
+                ) -> Optional[Callable]:
+    """How block ``next_name``'s input follows from block ``name``'s output
+    (``glue(out, args, kwargs) -> (args, kwargs)`` with ``name``'s inputs),
+    or None where no rule is known (prefix forwards then).
+
+    - The next entry of the same block list (a Swin stage's blocks, a ViT's
+      layers): the output itself, the other arguments unchanged.
+    - The last block of a Swin stage and the first of the next one (mmdet
+      and mmpretrain ``SwinBlockSequence``: both apply ``stages[i]
+      .downsample`` -- the patch merging, already integer -- to the last
+      block's output on its ``hw_shape``, between the stages and nothing
+      else): ``downsample(out, hw_shape)``.
+
+    Neither is assumed: batch 0 of every block is also computed by a prefix
+    forward and compared bit for bit (``weight_ptq``).
+    """
+    if _consecutive(name, next_name):
+        return lambda out, args, kwargs: ((out, ) + tuple(args[1:]), kwargs)
+    head, _, idx = name.rpartition('.')
+    nhead, _, nidx = next_name.rpartition('.')
+    if not (head.endswith('.blocks') and nhead.endswith('.blocks')
+            and nidx == '0' and idx.isdigit()):
+        return None
+    stage, nstage = head[:-len('.blocks')], nhead[:-len('.blocks')]
+    if not _consecutive(stage, nstage) or \
+            int(idx) != len(model.get_submodule(head)) - 1:
+        return None
+    down = getattr(model.get_submodule(stage), 'downsample', None)
+
+    def glue(out, args, kwargs):
+        if down is None:
+            return (out, ) + tuple(args[1:]), kwargs
+        if len(args) < 2:  # hw_shape not positional: no rule
+            return None
+        x, hw_shape = down(out, args[1])
+        return (x, hw_shape) + tuple(args[2:]), kwargs
+
+    return glue
+
+
 def _nbytes(obj) -> int:
     """Memory a cached input keeps alive (whole storages: a view keeps its
     base)."""
@@ -247,16 +288,18 @@ def weight_ptq(model: nn.Module,
         cache_bytes: Budget for block inputs kept between blocks (QwT).  A
             block's input is normally recomputed by a forward of the model up
             to the block (the "prefix"), so block ``b`` costs ``b`` block
-            forwards per image on top of its own two.  Where the next block
-            is the next entry of the same block list (the blocks of one Swin
-            stage, all ViT layers), the inputs of as many batches as fit in
-            this budget are kept and the next block's inputs are the
-            quantized block's outputs (computed anyway for the QwT target)
-            plus the fitted compensation -- or, for a batch whose output did
-            not fit after the inputs, one forward of the finished block
-            (checked once per block against the prefix forward, bit for bit;
-            on a mismatch the prefixes are used).  Same results, fewer
-            forwards; memory grows
+            forwards per image on top of its own two.  Where the next block's
+            input follows from this block's output by a known rule
+            (``_chain_glue``: the next entry of the same block list -- the
+            blocks of one Swin stage, all ViT layers -- or, across Swin
+            stages, the stage's patch merging), the inputs of as many
+            batches as fit in this budget are kept and the next block's
+            inputs are the quantized block's outputs (computed anyway for
+            the QwT target) plus the fitted compensation, through that rule
+            -- or, for a batch whose output did not fit after the inputs,
+            one forward of the finished block (checked once per block
+            against the prefix forward, bit for bit; on a mismatch the
+            prefixes are used).  Same results, fewer forwards; memory grows
             with the number of images up to this budget, then stays flat.
             0: no cache.
     """
@@ -293,7 +336,9 @@ def weight_ptq(model: nn.Module,
             [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
         release_heap()  # the previous block's garbage and conversion temps
         i = -1
-        chain = bi + 1 < len(blocks) and _consecutive(bname, blocks[bi + 1][0])
+        glue = None if bi + 1 == len(blocks) else \
+            _chain_glue(model, bname, blocks[bi + 1][0])
+        chain = glue is not None
         if cache is None and chain and cache_bytes > 0 and chain_ok:
             cache, used = [], 0  # filled from the prefix forwards below
         # outs[i]: the quantized block's output on cached batch i, kept
@@ -376,7 +421,8 @@ def weight_ptq(model: nn.Module,
         if fit.kept:
             attach_qwt(block, fit.weight, fit.bias)
         if cache is not None and chain:
-            # the next block's inputs: this (finished) block's outputs
+            # the next block's inputs: this (finished) block's outputs,
+            # through the glue between the two blocks (_chain_glue)
             for j, c in enumerate(cache):
                 if c is None:
                     continue
@@ -386,7 +432,12 @@ def weight_ptq(model: nn.Module,
                     report.forwards['chained'] += 1
                 elif fit.kept:  # QwTMixin.forward, its block part reused
                     out = out + block.qwt(c[0][0])
-                cache[j] = ((out, ) + tuple(c[0][1:]), c[1])
+                cache[j] = glue(out, *c)
+                if cache[j] is None:  # the glue has no rule for these args
+                    cache = None
+                    break
+            if cache is not None:  # the glue may change the sizes
+                used = sum(_nbytes(c) for c in cache if c is not None)
             release_heap()
         elif cache is not None:
             cache = None  # the next block starts a new block list

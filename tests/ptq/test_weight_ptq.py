@@ -8,7 +8,7 @@ from torch import nn
 
 from gplq_mm.ptq import build_w4a4_structure, transformer_blocks
 from gplq_mm.ptq.convert import QwTMixin, float_layers, integer_fold
-from gplq_mm.ptq.weight_ptq import _consecutive, integer_layers
+from gplq_mm.ptq.weight_ptq import _chain_glue, integer_layers
 from gplq_mm.quant import (IntQConv2d, IntQLinear, QConv2d, QLinear,
                            WeightQuantConfig)
 
@@ -295,16 +295,68 @@ def test_block_input_cache_changes_nothing_but_the_forwards(request, case,
     # chained block, the check); the next block's inputs are the kept
     # outputs plus QwT, no block runs again
     starts = sum(1 for i, n in enumerate(names)
-                 if i == 0 or not _consecutive(names[i - 1], n))
+                 if i == 0 or _chain_glue(data.model.model, names[i - 1], n)
+                 is None)
+    # one chain through all blocks: ViT layers, and Swin stages joined by
+    # their patch merging (the batch-0 checks passed, or prefix would grow)
+    assert starts == 1
     chained = nblocks - starts
     assert r1.forwards == dict(prefix=nb * starts + chained,
                                block=2 * nb * nblocks, chained=0)
     assert r1.forwards['prefix'] < r0.forwards['prefix']
-    if starts == 1:  # one block list (ViT): room for the inputs only, so
-        # every chained input is a forward of the finished block
+    if case == 'cls':  # one block list of equal widths: room for the inputs
+        # only, so every chained input is a forward of the finished block
         assert ri.forwards == dict(prefix=nb * starts + chained,
                                    block=2 * nb * nblocks,
                                    chained=nb * chained)
+
+
+def _swin(lib):
+    if lib == 'mmdet':
+        from mmdet.models.backbones import SwinTransformer
+        bb = SwinTransformer(embed_dims=16, depths=(2, 2), num_heads=(1, 2),
+                             strides=(4, 2), out_indices=(0, 1),
+                             pretrain_img_size=56)
+    else:
+        from mmpretrain.models.backbones import SwinTransformer
+        bb = SwinTransformer(arch=dict(embed_dims=16, depths=[2, 2],
+                                       num_heads=[1, 2]),
+                             img_size=56, out_indices=(0, 1))
+    bb.eval()  # (mmdet's Swin.train returns None)
+    model = nn.Module()
+    model.backbone = bb
+    return model
+
+
+@pytest.mark.parametrize('lib', ['mmdet', 'mmpretrain'])
+def test_chain_glue_is_what_swin_does_between_stages(lib):
+    """The rule that chains QwT block inputs across Swin stages (the stage's
+    patch merging of the last block's output) reproduces the installed
+    mmdet/mmpretrain forward exactly; no rule where blocks do not follow."""
+    torch.manual_seed(0)
+    model = _swin(lib)
+    names = [n for n, _ in transformer_blocks(model)]
+    assert names == [f'backbone.stages.{i}.blocks.{j}'
+                     for i in range(2) for j in range(2)]
+    io = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, kw, out, n=n: io.__setitem__(n, (a, kw, out)),
+        with_kwargs=True) for n in names]
+    with torch.no_grad():
+        model.backbone(torch.randn(2, 3, 56, 56))
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for a, b in zip(names, names[1:]):
+            glue = _chain_glue(model, a, b)
+            assert glue is not None, (a, b)
+            args, kwargs = glue(io[a][2], io[a][0], io[a][1])
+            assert torch.equal(args[0], io[b][0][0]), (a, b)
+            assert tuple(args[1]) == tuple(io[b][0][1]) and \
+                kwargs == io[b][1]
+    # not the next block: no rule
+    assert _chain_glue(model, names[0], names[2]) is None
+    assert _chain_glue(model, names[0], names[3]) is None
 
 
 def test_chain_mismatch_falls_back_to_prefixes(cls_case):
