@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument('--qwt-cache-gb', type=float, default=None,
                    help='stage 2 --qwt-cache-gb for the QwT runs (default: '
                    "the tool's); 0 recomputes every block input")
+    p.add_argument('--qwt-spill-dir', default=None, metavar='DIR',
+                   help='stage 2 --qwt-spill-dir for the QwT runs')
     p.add_argument('--device', default='cpu',
                    help='stage 2 --device, and where the FP32 forward runs')
     p.add_argument('--work-dir', default='work_dirs/benchmark_stage2')
@@ -145,7 +147,7 @@ def fp32_forward_seconds(cfg, model, device: str, repeats: int = 3):
 
 
 def stage2(cfg_path, ckpt, out, images, qwt, device, timeout,
-           cache_gb=None):
+           cache_gb=None, spill_dir=None):
     cmd = [sys.executable, osp.join(REPO, 'tools', 'gplq_quantize.py'),
            cfg_path, ckpt, '--method', 'repq', '--out-dir', out,
            '--calib-images', str(images), '--batch-size', '1', '--name', 'b']
@@ -155,6 +157,8 @@ def stage2(cfg_path, ckpt, out, images, qwt, device, timeout,
         cmd.append('--no-qwt')
     elif cache_gb is not None:
         cmd += ['--qwt-cache-gb', str(cache_gb)]
+    if qwt and spill_dir is not None:
+        cmd += ['--qwt-spill-dir', spill_dir]
     t = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           timeout=timeout)
@@ -189,7 +193,7 @@ def main(argv=None):
         for n in sorted(set(args.images)):
             out = osp.join(args.work_dir, f'n{n}_{"qwt" if qwt else "noqwt"}')
             r = stage2(cfg_path, ckpt, out, n, qwt, args.device, args.timeout,
-                       args.qwt_cache_gb)
+                       args.qwt_cache_gb, args.qwt_spill_dir)
             runs.append(r)
             print(f'{n:4d} images, QwT {"yes" if qwt else "no "}: wall '
                   f'{r["wall_s"]:.0f} s (calibration {r["calib_s"]:.0f} s, '
@@ -213,6 +217,7 @@ def main(argv=None):
         print(k, json.dumps(v) if isinstance(v, dict) else f'{v:.2f}')
     res = dict(device=args.device, fp32_forward_s=fwd, input_shape=shape,
                qwt_cache_gb=args.qwt_cache_gb,
+               qwt_spill_dir=args.qwt_spill_dir,
                threads=torch.get_num_threads(), runs=runs, summary=summary,
                date=time.strftime('%Y-%m-%d %H:%M'))
     path = osp.join(args.work_dir, 'benchmark_stage2.json')

@@ -49,6 +49,11 @@ def parse_args(argv=None):
                    help='memory for block inputs kept between QwT blocks, '
                    'so that a block\'s inputs come from the previous block '
                    'instead of a forward of the model up to it (0: none)')
+    p.add_argument('--qwt-spill-dir', default=None, metavar='DIR',
+                   help='write the block inputs/outputs that do not fit in '
+                   '--qwt-cache-gb to a temporary folder in DIR (removed at '
+                   'the end) instead of recomputing them; at 1333x800 '
+                   'about 52 MB per image at Swin-T stage 0')
     p.add_argument('--clip-search', choices=['mse', 'minmax'], default='mse',
                    help='weight clipping range: MSE search over ratios, or abs-max')
     p.add_argument('--fold', choices=['pow2', 'full'], default='pow2',
@@ -129,7 +134,7 @@ def options(args):
         max_shift=args.max_shift, calib_pipeline=args.calib_pipeline,
         act_observer=args.act_observer,
         trust_checkpoint=args.trust_checkpoint, device=args.device,
-        qwt_cache_gb=args.qwt_cache_gb)
+        qwt_cache_gb=args.qwt_cache_gb, qwt_spill_dir=args.qwt_spill_dir)
 
 
 def start_launcher(launcher: str) -> None:

@@ -190,7 +190,8 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                                 logger=log,
                                 batch_ids=loader.batch_sampler.global_ids,
                                 progress=is_main_process(),
-                                cache_bytes=int(opts.qwt_cache_gb * 2**30))
+                                cache_bytes=int(opts.qwt_cache_gb * 2**30),
+                                spill_dir=opts.qwt_spill_dir)
     except NonFiniteError as e:  # in the images (named) or inside the model
         raise Stage2Error(f'{e} Nothing was written.') from None
     kept: List[str] = [b.name for b in report.blocks if b.kept]

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from gplq_mm.quant import QConv2d, QLinear, QState, set_act_state
+from gplq_mm.quant.observers import all_reduce_
 
 
 @dataclass
@@ -80,12 +80,12 @@ class PCAAccumulator:
         self.n += f.shape[0]
 
     def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1:
-            n = torch.tensor([float(self.n)], dtype=torch.float64)
-            for t in (self.s, self.ss, n):
-                dist.all_reduce(t)
-            self.n = int(n.item())
+        # float64 CPU sums; under NCCL (stage 1 on GPUs) they are reduced on
+        # the GPU and copied back
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        for t in (self.s, self.ss, n):
+            all_reduce_(t)
+        self.n = int(n.item())
 
     def basis(self, var_ratio: float, multiple: int) -> Tuple[Tensor, Tensor, float]:
         """Returns ``(mean [C], components [C, k], explained share)``."""

@@ -16,7 +16,7 @@ import os
 import os.path as osp
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -43,6 +43,7 @@ class Stage2Options:
     trust_checkpoint: bool = False
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     qwt_cache_gb: float = 2.0  # block inputs kept between QwT blocks
+    qwt_spill_dir: Optional[str] = None  # ... and beyond that, on disk
 
     def torch_device(self):
         """The device stage 2 computes on (Stage2Error if unusable).
@@ -83,6 +84,10 @@ class Stage2Options:
         if not self.qwt_cache_gb >= 0:
             raise Stage2Error(f'--qwt-cache-gb {self.qwt_cache_gb}: use a '
                               'size >= 0 (0: no cache).')
+        if self.qwt_spill_dir is not None and \
+                not os.path.isdir(self.qwt_spill_dir):
+            raise Stage2Error(f'--qwt-spill-dir {self.qwt_spill_dir}: not a '
+                              'directory; create it or give an existing one.')
         if self.qwt_lambda < 0:
             raise Stage2Error(f'--qwt-lambda {self.qwt_lambda}: the ridge '
                               'lambda must be >= 0.')

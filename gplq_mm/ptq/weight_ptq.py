@@ -32,7 +32,10 @@ so each of the two phases of a batch starts from a trimmed heap.
 """
 import copy
 import ctypes
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -227,6 +230,46 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def _compact(obj):
+    """``obj`` with every tensor that is a view into a larger storage copied
+    out (``torch.save`` writes whole storages)."""
+    if torch.is_tensor(obj):
+        return obj.clone() if obj.untyped_storage().nbytes() > \
+            obj.numel() * obj.element_size() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    return obj
+
+
+class _Spill:
+    """A cached block input or output written to the spill directory (beyond
+    the RAM budget); read back bit for bit, on the device it came from."""
+
+    def __init__(self, obj, directory: str):
+        fd, self.path = tempfile.mkstemp(suffix='.pt', dir=directory)
+        os.close(fd)
+        torch.save(_compact(obj), self.path)
+
+    def load(self):
+        # plain tensors, tuples of ints (hw_shape) and dicts: safe loading
+        return torch.load(self.path, weights_only=True)
+
+    def drop(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _get(entry):
+    return entry.load() if isinstance(entry, _Spill) else entry
+
+
+def _drop(entry) -> None:
+    if isinstance(entry, _Spill):
+        entry.drop()
+
+
 def _same(a, b) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
         return torch.is_tensor(a) and torch.is_tensor(b) and \
@@ -263,7 +306,8 @@ def weight_ptq(model: nn.Module,
                logger: Optional[Callable[[str], None]] = None,
                batch_ids: Optional[Sequence[int]] = None,
                progress: bool = False,
-               cache_bytes: int = 2 * 2**30) -> PTQReport:
+               cache_bytes: int = 2 * 2**30,
+               spill_dir: Optional[str] = None) -> PTQReport:
     """Quantize the weights of a calibrated W32A4 ``model`` in place.
 
     Args:
@@ -302,6 +346,12 @@ def weight_ptq(model: nn.Module,
             prefixes are used).  Same results, fewer forwards; memory grows
             with the number of images up to this budget, then stays flat.
             0: no cache.
+        spill_dir: Where block inputs and outputs that do not fit in
+            ``cache_bytes`` are written (a temporary folder inside it, removed
+            at the end, also on error) instead of being recomputed by prefix
+            forwards.  At real size that is what keeps every image off the
+            prefix forwards with flat memory: a 1333x800 Swin-T stage-0 input
+            is ~26 MB, ~13 GB for 512 images.  None: no spilling.
     """
     log = logger or (lambda msg: None)
     t0 = time.time()
@@ -319,135 +369,167 @@ def weight_ptq(model: nn.Module,
     cache: Optional[List] = None
     chain_ok = True  # False after a chained input differed from the model's
     report.forwards = dict(prefix=0, block=0, chained=0)
-    for bi, (bname, block) in enumerate(blocks):
-        tb = time.time()
-        # everything this block keeps is allocated before its first batch:
-        # its FP32 copy, its integer layers, its QwT sums
-        fp_block = copy.deepcopy(block) if qwt else None
-        for name in float_layers(model, bname):
-            w = model.get_submodule(name).weight
-            new = convert_layer(model, name, w_cfg, use_learned_scale)
-            report.layers.append(LayerReport(name, list(w.shape),
-                                             _rel_error(new, w)))
-        if not qwt:
-            continue
-        width = block_width(block)
-        sums = None if width is None else \
-            [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
-        release_heap()  # the previous block's garbage and conversion temps
-        i = -1
-        glue = None if bi + 1 == len(blocks) else \
-            _chain_glue(model, bname, blocks[bi + 1][0])
-        chain = glue is not None
-        if cache is None and chain and cache_bytes > 0 and chain_ok:
-            cache, used = [], 0  # filled from the prefix forwards below
-        # outs[i]: the quantized block's output on cached batch i, kept
-        # (within the budget) so that the next block's input is
-        # ``outs[i] + qwt(x)`` -- QwTMixin's forward -- without running the
-        # block again
-        outs: Dict[int, torch.Tensor] = {}
-        extra = 0
-        source = batches()
-        bar = _progress_bar(source, f'QwT block {bi + 1}/{len(blocks)} '
-                            f'{bname}', log) if progress else None
-        for i, batch in enumerate(source):
-            g = i if batch_ids is None else _global_id(batch_ids, i)
-            cached = cache[i] if cache is not None and i < len(cache) \
-                else None
-            if cached is None or i == 0:
-                args, kwargs = _block_inputs(model, block, run, batch)
-                report.forwards['prefix'] += 1
-                # batch 0: the chained inputs must be the model's own, bit
-                # for bit (its forward may do more between two blocks than
-                # passing the output on); if not, prefixes from here on
-                if cached is not None and not _same(cached, (args, kwargs)):
-                    log(f'{bname}: the input computed from the previous '
-                        "block differs from the model's forward; block "
-                        'inputs are recomputed by prefix forwards from here')
-                    cache, chain_ok = None, False
-            else:
-                args, kwargs = cached
-            if cache is not None and i == len(cache):  # first block of a chain
-                size = _nbytes((args, kwargs))
-                # inputs before outputs (an input saves a prefix forward, an
-                # output only a block forward): make room by dropping outputs
-                while outs and used + extra + size > cache_bytes:
-                    extra -= _nbytes(outs.popitem()[1])
-                # batch 0 first: it is the one that checks the chain
-                keep = used + extra + size <= cache_bytes and (
-                    i == 0 or cache[0] is not None)
-                cache.append((args, kwargs) if keep else None)
-                used += size if keep else 0
-            del batch, cached
-            x = args[0]
-            # the prefix forward's temporaries are garbage now: hand their
-            # pages back before the two block forwards (see release_heap)
-            release_heap()
-            res = fp_block(*args, **kwargs)
-            y_q = block(*args, **kwargs)
-            report.forwards['block'] += 2
-            if cache is not None and chain and i < len(cache) and \
-                    cache[i] is not None:
-                size = _nbytes(y_q)
-                if used + extra + size <= cache_bytes:
-                    outs[i], extra = y_q, extra + size
-            if res.untyped_storage().data_ptr() in _storages((args, kwargs)):
-                res = res - y_q  # the block returned (a view of) its input
-            else:
-                res.sub_(y_q)  # Y_fp - Y_q, in the FP32 output's memory
-            del y_q
-            c_in, c_out = x.shape[-1], res.shape[-1]
-            if sums is None or (sums[0].n == sums[1].n == 0 and
-                                (sums[0].in_dim, sums[0].out_dim) !=
-                                (c_in, c_out)):
-                sums = [QwTSums(c_in, c_out, scratch),
-                        QwTSums(c_in, c_out, scratch)]
-            sums[g % 2].update(x, res)  # even: fit, odd: held out
-            del args, kwargs, x, res
-            release_heap()  # ... and theirs before the next prefix forward
+    spill = None if spill_dir is None else \
+        tempfile.mkdtemp(prefix='gplq_qwt_', dir=spill_dir)
+    try:
+        for bi, (bname, block) in enumerate(blocks):
+            tb = time.time()
+            # everything this block keeps is allocated before its first batch:
+            # its FP32 copy, its integer layers, its QwT sums
+            fp_block = copy.deepcopy(block) if qwt else None
+            for name in float_layers(model, bname):
+                w = model.get_submodule(name).weight
+                new = convert_layer(model, name, w_cfg, use_learned_scale)
+                report.layers.append(LayerReport(name, list(w.shape),
+                                                 _rel_error(new, w)))
+            if not qwt:
+                continue
+            width = block_width(block)
+            sums = None if width is None else \
+                [QwTSums(width, width, scratch), QwTSums(width, width, scratch)]
+            release_heap()  # the previous block's garbage and conversion temps
+            i = -1
+            glue = None if bi + 1 == len(blocks) else \
+                _chain_glue(model, bname, blocks[bi + 1][0])
+            chain = glue is not None
+            if cache is None and chain and chain_ok and \
+                    (cache_bytes > 0 or spill is not None):
+                cache, used = [], 0  # filled from the prefix forwards below
+            # outs[i]: the quantized block's output on cached batch i, kept
+            # (within the budget) so that the next block's input is
+            # ``outs[i] + qwt(x)`` -- QwTMixin's forward -- without running the
+            # block again
+            outs: Dict[int, torch.Tensor] = {}
+            extra = 0
+            source = batches()
+            bar = _progress_bar(source, f'QwT block {bi + 1}/{len(blocks)} '
+                                f'{bname}', log) if progress else None
+            for i, batch in enumerate(source):
+                g = i if batch_ids is None else _global_id(batch_ids, i)
+                cached = _get(cache[i]) if cache is not None and \
+                    i < len(cache) else None
+                if cached is None or i == 0:
+                    args, kwargs = _block_inputs(model, block, run, batch)
+                    report.forwards['prefix'] += 1
+                    # batch 0: the chained inputs must be the model's own, bit
+                    # for bit (its forward may do more between two blocks than
+                    # passing the output on); if not, prefixes from here on
+                    if cached is not None and not _same(cached, (args, kwargs)):
+                        log(f'{bname}: the input computed from the previous '
+                            "block differs from the model's forward; block "
+                            'inputs are recomputed by prefix forwards from here')
+                        for e in cache + list(outs.values()):
+                            _drop(e)
+                        cache, chain_ok = None, False
+                else:
+                    args, kwargs = cached
+                if cache is not None and i == len(cache):  # first block of a chain
+                    size = _nbytes((args, kwargs))
+                    # inputs before outputs (an input saves a prefix forward, an
+                    # output only a block forward): make room by dropping
+                    # outputs from memory (to the spill directory if any)
+                    ram = [k for k, v in outs.items()
+                           if not isinstance(v, _Spill)]
+                    while ram and used + extra + size > cache_bytes:
+                        k = ram.pop()
+                        out = outs.pop(k)
+                        extra -= _nbytes(out)
+                        if spill is not None:
+                            outs[k] = _Spill(out, spill)
+                        del out
+                    # batch 0 first: it is the one that checks the chain
+                    first = i == 0 or cache[0] is not None
+                    keep = used + extra + size <= cache_bytes and first
+                    cache.append((args, kwargs) if keep else
+                                 _Spill((args, kwargs), spill)
+                                 if first and spill is not None else None)
+                    used += size if keep else 0
+                del batch, cached
+                x = args[0]
+                # the prefix forward's temporaries are garbage now: hand their
+                # pages back before the two block forwards (see release_heap)
+                release_heap()
+                res = fp_block(*args, **kwargs)
+                y_q = block(*args, **kwargs)
+                report.forwards['block'] += 2
+                if cache is not None and chain and i < len(cache) and \
+                        cache[i] is not None:
+                    size = _nbytes(y_q)
+                    if used + extra + size <= cache_bytes:
+                        outs[i], extra = y_q, extra + size
+                    elif spill is not None:
+                        outs[i] = _Spill(y_q, spill)
+                if res.untyped_storage().data_ptr() in _storages((args, kwargs)):
+                    res = res - y_q  # the block returned (a view of) its input
+                else:
+                    res.sub_(y_q)  # Y_fp - Y_q, in the FP32 output's memory
+                del y_q
+                c_in, c_out = x.shape[-1], res.shape[-1]
+                if sums is None or (sums[0].n == sums[1].n == 0 and
+                                    (sums[0].in_dim, sums[0].out_dim) !=
+                                    (c_in, c_out)):
+                    sums = [QwTSums(c_in, c_out, scratch),
+                            QwTSums(c_in, c_out, scratch)]
+                sums[g % 2].update(x, res)  # even: fit, odd: held out
+                del args, kwargs, x, res
+                release_heap()  # ... and theirs before the next prefix forward
+                if bar is not None:
+                    bar.update()
             if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.file.write('\n')
-        if batch_ids is not None and i + 1 != len(batch_ids):
-            raise ValueError(f'weight_ptq: batch_ids has {len(batch_ids)} '
-                             f'entries but batches() gave {i + 1} batches.')
-        if sums is None:
-            raise ValueError(f'QwT: no calibration batch reached {bname}; '
-                             'use at least one calibration image.')
-        for s in sums:
-            s.all_reduce()
-        fit = fit_qwt(sums[0], sums[1], lam)
-        if fit.kept:
-            attach_qwt(block, fit.weight, fit.bias)
-        if cache is not None and chain:
-            # the next block's inputs: this (finished) block's outputs,
-            # through the glue between the two blocks (_chain_glue)
-            for j, c in enumerate(cache):
-                if c is None:
-                    continue
-                out = outs.pop(j, None)
-                if out is None:
-                    out = block(*c[0], **c[1])
-                    report.forwards['chained'] += 1
-                elif fit.kept:  # QwTMixin.forward, its block part reused
-                    out = out + block.qwt(c[0][0])
-                cache[j] = glue(out, *c)
-                if cache[j] is None:  # the glue has no rule for these args
-                    cache = None
-                    break
-            if cache is not None:  # the glue may change the sizes
-                used = sum(_nbytes(c) for c in cache if c is not None)
-            release_heap()
-        elif cache is not None:
-            cache = None  # the next block starts a new block list
-        report.blocks.append(BlockReport(bname, fit.kept, fit.r2,
-                                         fit.err_before, fit.err_after, fit.n,
-                                         fit.exact, time.time() - tb))
-        log(f'QwT block {bi + 1}/{len(blocks)} {bname}: '
-            f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f} '
-            f'({time.time() - tb:.1f}s)')
-        del fp_block, sums, fit, outs
+                bar.file.write('\n')
+            if batch_ids is not None and i + 1 != len(batch_ids):
+                raise ValueError(f'weight_ptq: batch_ids has {len(batch_ids)} '
+                                 f'entries but batches() gave {i + 1} batches.')
+            if sums is None:
+                raise ValueError(f'QwT: no calibration batch reached {bname}; '
+                                 'use at least one calibration image.')
+            for s in sums:
+                s.all_reduce()
+            fit = fit_qwt(sums[0], sums[1], lam)
+            if fit.kept:
+                attach_qwt(block, fit.weight, fit.bias)
+            if cache is not None and chain:
+                # the next block's inputs: this (finished) block's outputs,
+                # through the glue between the two blocks (_chain_glue)
+                for j, entry in enumerate(cache):
+                    if entry is None:
+                        continue
+                    c = _get(entry)
+                    out = _get(outs.get(j))
+                    _drop(outs.pop(j, None))
+                    if out is None:
+                        out = block(*c[0], **c[1])
+                        report.forwards['chained'] += 1
+                    elif fit.kept:  # QwTMixin.forward, its block part reused
+                        out = out + block.qwt(c[0][0])
+                    nxt = glue(out, *c)
+                    del c, out
+                    if isinstance(entry, _Spill):  # stays on disk
+                        entry.drop()
+                        nxt = None if nxt is None else _Spill(nxt, spill)
+                    cache[j] = nxt
+                    if nxt is None:  # the glue has no rule for these args
+                        for e in cache + list(outs.values()):
+                            _drop(e)
+                        cache = None
+                        break
+                if cache is not None:  # the glue may change the sizes
+                    used = sum(_nbytes(c) for c in cache if c is not None)
+                release_heap()
+            elif cache is not None:
+                for e in cache:
+                    _drop(e)
+                cache = None  # the next block starts a new block list
+            report.blocks.append(BlockReport(bname, fit.kept, fit.r2,
+                                             fit.err_before, fit.err_after, fit.n,
+                                             fit.exact, time.time() - tb))
+            log(f'QwT block {bi + 1}/{len(blocks)} {bname}: '
+                f'{"kept" if fit.kept else "skipped"}, held-out R2={fit.r2:+.3f} '
+                f'({time.time() - tb:.1f}s)')
+            del fp_block, sums, fit, outs
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     del scratch, cache
     release_heap()
     remaining = float_layers(model)

@@ -145,6 +145,22 @@ def _comm_device() -> torch.device:
     return torch.device('cpu')
 
 
+def all_reduce_(t: Tensor, op=None) -> Tensor:
+    """All-reduce ``t`` in place over the default process group, on the
+    device the backend needs (:func:`_comm_device`; copied there and back),
+    e.g. float64 CPU statistics under NCCL.  A no-op without one."""
+    if not _dist_on():
+        return t
+    op = dist.ReduceOp.SUM if op is None else op
+    dev = _comm_device()
+    if t.device == dev:
+        dist.all_reduce(t, op=op)
+        return t
+    tmp = t.to(dev)
+    dist.all_reduce(tmp, op=op)
+    return t.copy_(tmp)
+
+
 class MinMaxObserver(_Observer):
     """Running per-row min and max."""
 

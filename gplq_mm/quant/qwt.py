@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .errors import NonFiniteError
+from .observers import all_reduce_
 
 
 # Rows of one float64 pass of QwTSums.update: its scratch (two [rows, C]
@@ -116,13 +116,11 @@ class QwTSums:
         return out
 
     def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1:
-            for t in (self.xx, self.xr, self.rr):
-                dist.all_reduce(t)
-            n = torch.tensor([float(self.n)], dtype=torch.float64)
-            dist.all_reduce(n)
-            self.n = int(n.item())
+        # float64 sums on the CPU, reduced where the backend needs them
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        for t in (self.xx, self.xr, self.rr, n):
+            all_reduce_(t)
+        self.n = int(n.item())
 
     def error(self, sol: Optional[Tensor]) -> float:
         """``||R - [X 1] sol||^2`` from the sums (``sol=None``: no compensation)."""
@@ -146,7 +144,7 @@ def solve_ridge(sums: QwTSums, lam: float) -> Tuple[Tensor, bool]:
     if lam < 0:
         raise ValueError(f'QwT: lambda must be >= 0, got {lam}.')
     a = sums.xx.clone()
-    idx = torch.arange(sums.in_dim)
+    idx = torch.arange(sums.in_dim, device=a.device)
     a[idx, idx] += lam  # the bias row/column is not regularised
     diag = a.diagonal()
     if bool((diag > 0).all()):

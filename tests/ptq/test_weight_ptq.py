@@ -255,7 +255,7 @@ def test_streaming_is_batch_partition_independent(det_case, record_fits):
 
 @pytest.mark.parametrize('case,lam', [('cls', 10.0), ('det', 1e-2)])
 def test_block_input_cache_changes_nothing_but_the_forwards(request, case,
-                                                            lam):
+                                                            lam, tmp_path):
     """Block inputs chained from the previous block (the default) against
     prefix forwards for every block (cache_bytes=0): the same W4A4 model,
     bit for bit, with fewer forwards."""
@@ -279,7 +279,15 @@ def test_block_input_cache_changes_nothing_but_the_forwards(request, case,
             for budget in (0, 2**30, sum(sizes), 1)}
     (m0, r0), (m1, r1), (mt, rt) = runs[0], runs[2**30], runs[1]
     mi, ri = runs[sum(sizes)]
-    for m, r in ((m1, r1), (mt, rt), (mi, ri)):
+    # what does not fit goes to a spill directory: nothing in memory, or
+    # the inputs in memory and the outputs on disk
+    spill = tmp_path / 'spill'
+    spill.mkdir()
+    ms, rs = data.convert(lam=lam, cache_bytes=0, spill_dir=str(spill))
+    mo, ro = data.convert(lam=lam, cache_bytes=sum(sizes),
+                          spill_dir=str(spill))
+    assert list(spill.iterdir()) == []  # removed at the end
+    for m, r in ((m1, r1), (mt, rt), (mi, ri), (ms, rs), (mo, ro)):
         sd0, sd = m0.state_dict(), m.state_dict()
         assert sd0.keys() == sd.keys()
         for k in sd0:
@@ -304,6 +312,8 @@ def test_block_input_cache_changes_nothing_but_the_forwards(request, case,
     assert r1.forwards == dict(prefix=nb * starts + chained,
                                block=2 * nb * nblocks, chained=0)
     assert r1.forwards['prefix'] < r0.forwards['prefix']
+    # spilled: the forwards of the ample budget
+    assert rs.forwards == r1.forwards and ro.forwards == r1.forwards
     if case == 'cls':  # one block list of equal widths: room for the inputs
         # only, so every chained input is a forward of the finished block
         assert ri.forwards == dict(prefix=nb * starts + chained,
@@ -388,3 +398,14 @@ def test_chain_mismatch_falls_back_to_prefixes(cls_case):
     nblocks = len(transformer_blocks(got.model))
     assert rep.forwards['prefix'] == len(cls_case.batches) * nblocks
     assert rep.forwards['chained'] == 0
+
+
+def test_spill_directory_is_removed_on_error(cls_case, tmp_path):
+    """Spilled block inputs do not outlive a failed fit."""
+    spill = tmp_path / 'spill'
+    spill.mkdir()
+    with pytest.raises(ValueError, match='batch_ids has'):
+        # one batch id too many: raised after the first block's batches
+        cls_case.convert(lam=10.0, cache_bytes=0, spill_dir=str(spill),
+                         batch_ids=list(range(len(cls_case.batches) + 1)))
+    assert list(spill.iterdir()) == []

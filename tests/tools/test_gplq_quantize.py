@@ -335,6 +335,13 @@ def test_calibration_data_missing(runs, arch, out_dir, tmp_path):
           '--cfg-options train_dataloader.dataset.data_root=DIR/')
 
 
+def test_spill_dir_missing(runs, arch, out_dir, tmp_path):
+    a = arch['cls']
+    fails(runs, [a.stage1_cfg, a.w32a4_ckpt, '--qwt-spill-dir',
+                 str(tmp_path / 'nowhere')], out_dir, tmp_path,
+          'nowhere: not a directory', 'create it')
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is visible')
 @pytest.mark.parametrize('device,expected', [
     ('cuda', ['--device cuda: no CUDA device is visible', 'use --device cpu']),
