@@ -72,10 +72,13 @@ class InjectConfig:
             left in float.
         act_overrides: ``{regex: {QuantConfig fields}}``: the input quantizer
             of a Linear/Conv2d whose name matches ``regex`` (the first match,
-            in order) is ``act`` with these fields replaced, e.g. an unsigned
-            grid for the post-GELU fc2 inputs of a ViT:
-            ``{r'ffn\.layers\.1$': dict(signed=False)}``.  The patch
-            embedding keeps ``act`` at ``first_layer_bits``.
+            in order) is ``act`` with these fields replaced, e.g. 8 bits for
+            the fc2 inputs of a ViT: ``{r'ffn\.layers\.1$': dict(bits=8)}``.
+            The patch embedding keeps ``act`` at ``first_layer_bits``.  An
+            unsigned grid (``signed=False``, codes [0, 15], no zero point)
+            there clips GELU's negative lobe to 0: on DINOv2-S that is 66-97%
+            of the fc2 inputs and top-1 collapses to chance
+            (docs/ablation.md §5).
     """
     scope: str = 'whole'
     act: Optional[QuantConfig] = field(default_factory=lambda: QuantConfig(
