@@ -16,7 +16,6 @@ demo's classification data:
   (:func:`gplq_mm.demo.data.make_classification` with ``source='generated'``).
 """
 import copy
-import json
 import os
 import os.path as osp
 from typing import Dict, List, Optional, Tuple
@@ -58,10 +57,14 @@ def _make_digits(out_dir: str, num_train: int, num_test: int,
     from sklearn.datasets import load_digits
     params = dict(kind='digits', num_train=num_train, num_test=num_test,
                   seed=seed, size=28)
-    man = osp.join(out_dir, 'manifest.json')
-    if osp.exists(man) and json.load(open(man)) == params:
+    from gplq_mm.demo.data import (_per_class_counts, _prepare_out_dir,
+                                   _read_manifest, _write_manifest)
+    if _read_manifest(out_dir) == params:
         return
-    from gplq_mm.demo.data import _per_class_counts
+    # a set of other sizes written here before: its files must go (file names
+    # index the whole split, so they would stay behind, in other classes'
+    # folders); foreign folders raise instead of being deleted
+    _prepare_out_dir(out_dir, 'digits', ('train', 'val'), force=False)
     digits = load_digits()
     rng = np.random.default_rng([seed, 17])
     picks = {'train': [], 'val': []}  # stratified: equal images per class
@@ -81,7 +84,7 @@ def _make_digits(out_dir: str, num_train: int, num_test: int,
             im = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
             Image.fromarray(im).resize((28, 28), Image.BICUBIC).save(
                 osp.join(out_dir, split, f'{k:02d}_digit{k}', f'{j:05d}.png'))
-    json.dump(params, open(man, 'w'))
+    _write_manifest(out_dir, params)  # last: an interrupted run is redone
 
 
 def build_model(config: str, checkpoint: str):
