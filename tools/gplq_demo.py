@@ -9,7 +9,9 @@ Stages (each a subprocess through the *stock* OpenMMLab scripts, cached in
   1. generate data (COCO-format shapes for Mask R-CNN; Fashion-MNIST or a
      generated fallback for the classifier)
   2. train the FP32 models (stock tools/train.py)
-  3. RepQ-ViT-style W4A4 PTQ, without and with QwT   (tools/gplq_quantize.py --method repq)
+  3. percentile W4A4 PTQ (GPLQ's placement), without and with QwT
+                                                      (tools/gplq_quantize.py --method repq)
+     RepQ-ViT W4A4, as its public code does it (simulated)  (--method repqvit)
   4. direct W4A4 QAT, one epoch                       (stock train.py + --method qat)
   5. GPLQ stage 1: Act-QAT, one epoch -> W32A4          (stock train.py)
   6. GPLQ stage 2: weight PTQ + QwT -> W4A4             (tools/gplq_quantize.py)
@@ -70,6 +72,8 @@ DEFAULT_TASKS = ('det', 'dino')
 #: cached quantized stages are redone (2: percentile initialisation, the pow2
 #: fold of stage 2).
 QUANT_VERSION = 2
+#: the row whose checkpoint is simulated (fake quant, FP32-sized)
+REPQVIT_LABEL = 'RepQ-ViT W4A4 (faithful, simulated)'
 
 SIZES = dict(  # full demo / --fast (CI) variant
     full=dict(det_train=400, det_val=100, cls_train=6000, cls_val=1000,
@@ -282,10 +286,10 @@ def run_task(task: str, args, size: dict, log,
     for s in seeds:
         calib = ['--calib-images', str(size['calib']), '--seed', str(s)]
         sfx = f'_s{s}'
-        # 3. RepQ-ViT-style PTQ, with and without QwT
+        # 3. percentile PTQ (GPLQ's placement), with and without QwT
         for name, extra, label in (
-                ('ptq', ['--no-qwt'], 'PTQ (RepQ-ViT-style) W4A4'),
-                ('ptq_qwt', [], 'PTQ + QwT W4A4')):
+                ('ptq', ['--no-qwt'], 'percentile PTQ W4A4'),
+                ('ptq_qwt', [], 'percentile PTQ + QwT W4A4')):
             out = d(name + sfx)
             ck = osp.join(out, f'{name}_w4a4.pth')
             st = r.run(name + sfx, [
@@ -296,6 +300,19 @@ def run_task(task: str, args, size: dict, log,
             ], dict(qkey, seed=s), dict(ckpt=ck))
             record(label, s, r, name + sfx, st, ck,
                    osp.join(out, f'{name}_w4a4.py'))
+
+        # 3b. RepQ-ViT as its public code does it, with its own calibration
+        #     size (32 images for a classifier, 1 for a detector, one batch)
+        out = d('repqvit' + sfx)
+        ck = osp.join(out, 'repqvit_w4a4.pth')
+        st = r.run('repqvit' + sfx, [
+            [PY, QUANTIZE, spec['fp32'], safe, '--method', 'repqvit',
+             '--out-dir', out, '--name', 'repqvit', '--seed', str(s)],
+            [PY, test, osp.join(out, 'repqvit_w4a4.py'), ck, '--work-dir',
+             out],
+        ], dict(qkey, seed=s, method='repqvit'), dict(ckpt=ck))
+        record(REPQVIT_LABEL, s, r, 'repqvit' + sfx, st, ck,
+               osp.join(out, 'repqvit_w4a4.py'))
 
         calib_hook = ['--cfg-options', f'load_from={safe}',
                       f'custom_hooks.0.num_batches={size["calib_batches"]}',

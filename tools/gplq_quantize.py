@@ -1,17 +1,24 @@
 """GPLQ stage 2: quantize the weights of a W32A4 model and fit QwT.
 
     python tools/gplq_quantize.py CONFIG CHECKPOINT --out-dir work_dirs/x \
-        [--method gplq|repq|qat] [--calib-images 512] [--w-bits 4] [--no-qwt]
+        [--method gplq|repq|qat] [--calib-images N] [--w-bits 4] [--no-qwt]
     python <mmdet or mmpretrain>/tools/test.py work_dirs/x/<name>_w4a4.py \
         work_dirs/x/<name>_w4a4.pth
 
-Methods (all write the same integer W4A4 form, evaluated the same way):
+Methods (gplq, repq and qat write the same integer W4A4 form; all are
+evaluated the same way):
   gplq  CONFIG is the stage-1 config, CHECKPOINT its W32A4 output (the
         activation scales come from Act-QAT).
   repq  RepQ-ViT-style PTQ baseline: CHECKPOINT is an FP32 checkpoint; the
         activation scales are calibrated (percentile) on the calibration
         images.  CONFIG may be a plain mmdet/mmpretrain config (it is wrapped
         with GPLQModel's default quantizer placement) or a stage-1 config.
+  repqvit  RepQ-ViT as its public code does it (gplq_mm/ptq/repqvit.py):
+        CHECKPOINT is an FP32 checkpoint; asymmetric grids, post-LayerNorm
+        inputs per channel then reparameterized to per tensor, calibration in
+        one sequential forward of all --calib-images (default RepQ-ViT's
+        own: 32 for classifiers, 1 for detectors).  Writes a simulated (fake-quant) W4A4
+        model: no QwT, no integer layers, no ONNX export.
   qat   direct-W4A4-QAT baseline: CHECKPOINT comes from a config with
         ``quant.weight`` (weights fake-quantized during training); the learned
         weight scales are used instead of the clipping search.
@@ -36,9 +43,12 @@ def parse_args(argv=None):
     p.add_argument('checkpoint', help='W32A4 checkpoint (FP32 for --method repq)')
     p.add_argument('--out-dir', required=True, help='where the W4A4 config, '
                    'checkpoint and report are written')
-    p.add_argument('--method', choices=['gplq', 'repq', 'qat'], default='gplq')
-    p.add_argument('--calib-images', type=int, default=512,
-                   help='calibration images from the training set (paper: 512)')
+    p.add_argument('--method', choices=['gplq', 'repq', 'repqvit', 'qat'],
+                   default='gplq')
+    p.add_argument('--calib-images', type=int, default=None,
+                   help='calibration images from the training set (default: '
+                   'the paper\'s 512; --method repqvit: RepQ-ViT\'s 32 for '
+                   'classifiers, 1 for detectors)')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--seed', type=int, default=0, help='seed of the calibration subset')
     p.add_argument('--w-bits', type=int, default=4)

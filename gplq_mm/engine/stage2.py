@@ -8,6 +8,7 @@ is library code: calibration (:mod:`gplq_mm.ptq.calib`), weight PTQ + QwT
 (:mod:`gplq_mm.ptq.weight_ptq`) and the export (:mod:`gplq_mm.ptq.export`).
 """
 import contextlib
+import dataclasses
 import json
 import os.path as osp
 import pickle
@@ -33,6 +34,8 @@ from gplq_mm.ptq.export import (OutputFiles, Stage2Error, Stage2Options,
                                 prepare_config, runner_model_cfg, state_bytes,
                                 write_text, write_w4a4)
 from gplq_mm.ptq.convert import integer_fold
+from gplq_mm.ptq.repqvit import (REPQVIT_A_BITS, RepQViTError, repqvit_ptq,
+                                 repqvit_quant)
 from gplq_mm.ptq.weight_ptq import integer_layers, weight_ptq
 from gplq_mm.quant import NonFiniteError, iter_weight_quantizers
 from gplq_mm.utils import sha256
@@ -122,6 +125,14 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     device = opts.torch_device()
     phases = Phases(device, log)
     prepare_config(cfg, opts.method, config_path)
+    opts = dataclasses.replace(
+        opts, calib_images=opts.resolved_calib_images(cfg))
+    repqvit = opts.method == 'repqvit'
+    if repqvit:  # RepQ-ViT's own placement, calibration and grids
+        cfg.model.quant = repqvit_quant(REPQVIT_A_BITS, per_channel=True)
+        if opts.qwt:
+            log('--method repqvit writes a simulated (fake-quant) model: no '
+                'QwT, no integer layers.')
     with phases('load'):
         model = MODELS.build(runner_model_cfg(cfg))
         ckpt, sd = load_source(model, checkpoint, config_path,
@@ -137,8 +148,8 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
             f'{checkpoint} has no activation scales (an FP32 checkpoint?). '
             'Run stage 1 (Act-QAT) first, or use --method repq for the PTQ '
             'baseline.')
-    if opts.method == 'repq' and has_quant_state(sd):
-        log('--method repq: the checkpoint already has activation scales; '
+    if opts.method in ('repq', 'repqvit') and has_quant_state(sd):
+        log(f'--method {opts.method}: the checkpoint already has activation scales; '
             'they are recalibrated from scratch (PTQ baseline).')
     if opts.method == 'qat' and \
             not any(True for _ in iter_weight_quantizers(model)):
@@ -147,8 +158,11 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
             '(direct W4A4 QAT); this config has no weight quantizers.')
 
     try:
-        loader = build_calib_loader(cfg, opts.calib_images, opts.batch_size,
-                                    opts.seed, opts.calib_pipeline)
+        # RepQ-ViT calibrates in one forward of the whole calibration set
+        loader = build_calib_loader(
+            cfg, opts.calib_images,
+            opts.calib_images if repqvit else opts.batch_size, opts.seed,
+            opts.calib_pipeline)
     except ValueError as e:  # --calib-images out of range
         raise Stage2Error(str(e)) from None
     except FileNotFoundError as e:
@@ -175,6 +189,17 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
 
     calib_seconds = 0.0
     try:
+        if repqvit:
+            t_cal = time.time()
+            with phases('calibration'):
+                counts = repqvit_ptq(
+                    model.model, lambda: full_forward(next(iter(loader))),
+                    opts.w_bits, log)
+            calib_seconds = time.time() - t_cal
+            return _write_simulated(model, cfg, checkpoint, ckpt, sd,
+                                    out_dir, name, opts, outputs, loader,
+                                    calib_record, counts, phases, device,
+                                    calib_seconds, t_start)
         if opts.method == 'repq':
             override_observers(model, opts.act_observer)
             t_cal = time.time()
@@ -194,6 +219,8 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                                 spill_dir=opts.qwt_spill_dir)
     except NonFiniteError as e:  # in the images (named) or inside the model
         raise Stage2Error(f'{e} Nothing was written.') from None
+    except RepQViTError as e:
+        raise Stage2Error(f'--method repqvit: {e}') from None
     kept: List[str] = [b.name for b in report.blocks if b.kept]
     log(report.table())
 
@@ -203,17 +230,32 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     # weight quantizers trained on)
     fold = integer_fold(model)
     out_cfg.model.w4a4 = dict(w_bits=opts.w_bits, qwt_blocks=kept, fold=fold)
+    return _write_outputs(
+        model, out_cfg, checkpoint, ckpt, sd, out_dir, name, opts, outputs,
+        next(iter(loader)), calib_record, phases, device, t_start,
+        meta=dict(a_bits=model.quant_cfg.act.bits, fold=fold,
+                  max_shift=w_cfg.max_shift if fold == 'pow2' else 0,
+                  qwt=opts.qwt, qwt_lambda=opts.qwt_lambda, qwt_blocks=kept),
+        report=lambda: dict(
+            integer_layers=len(integer_layers(model.model)),
+            qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
+            calib_seconds=calib_seconds, ptq_seconds=report.seconds,
+            report=report.to_dict()))
+
+
+def _write_outputs(model, out_cfg, checkpoint, ckpt, sd, out_dir, name, opts,
+                   outputs, check_batch, calib_record, phases, device,
+                   t_start, meta: dict, report) -> Optional[dict]:
+    """Write ``<name>_w4a4.{py,pth,json}`` (rank 0; ``None`` elsewhere).
+
+    ``meta``: method-specific entries of the checkpoint's ``meta.gplq``;
+    ``report()``: method-specific entries of the JSON report."""
     out_cfg.load_from = None
     if not imports_gplq(out_cfg):  # the stock test.py needs it
         add_gplq_import(out_cfg)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    src_sd_bytes = state_bytes(sd)
-    meta = dict(
-        gplq=dict(method=opts.method, w_bits=opts.w_bits,
-                  a_bits=model.quant_cfg.act.bits, fold=fold,
-                  max_shift=w_cfg.max_shift if fold == 'pow2' else 0,
-                  qwt=opts.qwt,
-                  qwt_lambda=opts.qwt_lambda, qwt_blocks=kept,
+    ck_meta = dict(
+        gplq=dict(method=opts.method, w_bits=opts.w_bits, **meta,
                   calib_images=opts.calib_images, calib_seed=opts.seed,
                   calib_pipeline=opts.calib_pipeline,
                   source_checkpoint=osp.abspath(checkpoint),
@@ -225,26 +267,38 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     cfg_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.py'))
     ckpt_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.pth'))
     json_path = outputs.add_file(osp.join(out_dir, f'{name}_w4a4.json'))
-    write_w4a4(model, out_cfg, state, meta, cfg_path, ckpt_path,
-               next(iter(loader)), phase=phases)
-
-    sizes = dict(source_checkpoint_bytes=osp.getsize(checkpoint),
-                 source_state_dict_bytes=src_sd_bytes,
-                 w4a4_checkpoint_bytes=osp.getsize(ckpt_path),
-                 w4a4_state_dict_bytes=state_bytes(state))
+    write_w4a4(model, out_cfg, state, ck_meta, cfg_path, ckpt_path,
+               check_batch, phase=phases)
     summary = dict(config=cfg_path, checkpoint=ckpt_path, method=opts.method,
                    time=time.strftime('%Y-%m-%d %H:%M:%S'),
                    checkpoint_sha256=sha256(ckpt_path),
                    calibration=dict(calib_record,
                                     pipeline=opts.calib_pipeline),
                    w_bits=opts.w_bits, device=str(device),
-                   integer_layers=len(integer_layers(model.model)),
-                   qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),
                    wall_seconds=time.time() - t_start,
-                   calib_seconds=calib_seconds, ptq_seconds=report.seconds,
                    peak_rss_mib=resource.getrusage(
                        resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   phases=phases.rows, **sizes, report=report.to_dict())
+                   phases=phases.rows,
+                   source_checkpoint_bytes=osp.getsize(checkpoint),
+                   source_state_dict_bytes=state_bytes(sd),
+                   w4a4_checkpoint_bytes=osp.getsize(ckpt_path),
+                   w4a4_state_dict_bytes=state_bytes(state), **report())
     atomic_write(json_path,
                  lambda p: write_text(p, json.dumps(summary, indent=1)))
     return summary
+
+
+def _write_simulated(model, cfg, checkpoint, ckpt, sd, out_dir, name, opts,
+                     outputs, loader, calib_record, counts, phases, device,
+                     calib_seconds, t_start) -> Optional[dict]:
+    """Outputs of ``--method repqvit``: the config evaluates the
+    reparameterized placement (all inputs per tensor) in fake quantization;
+    the checkpoint holds the 4-bit weights as floats."""
+    out_cfg = cfg.copy()
+    out_cfg.model.quant = repqvit_quant(REPQVIT_A_BITS, per_channel=False)
+    return _write_outputs(
+        model, out_cfg, checkpoint, ckpt, sd, out_dir, name, opts, outputs,
+        next(iter(loader)), calib_record, phases, device, t_start,
+        meta=dict(a_bits=REPQVIT_A_BITS, simulated=True),
+        report=lambda: dict(simulated=True, a_bits=REPQVIT_A_BITS,
+                            repqvit=counts, calib_seconds=calib_seconds))

@@ -62,7 +62,8 @@ class _QAttnMixin:
             if not isinstance(qz, ActQuantizer):
                 specs.append(None)
                 continue
-            if qz.state not in (QState.LEARNING, QState.FROZEN):
+            if qz.state not in (QState.LEARNING, QState.FROZEN) or \
+                    qz.cfg.zero_point:
                 return None
             s = qz.effective_scale(q.ndim)
             if s.dtype != q.dtype:

@@ -79,6 +79,10 @@ class InjectConfig:
             there clips GELU's negative lobe to 0: on DINOv2-S that is 66-97%
             of the fc2 inputs and top-1 collapses to chance
             (docs/ablation.md §5).
+        add_bias: Regexes of Linear layers without a bias that get one
+            (zeros) at injection: RepQ-ViT's reparameterization moves an
+            offset into the bias of Swin's patch-merging reduction, which
+            has none (``gplq_mm.ptq.repqvit``).
     """
     scope: str = 'whole'
     act: Optional[QuantConfig] = field(default_factory=lambda: QuantConfig(
@@ -92,6 +96,7 @@ class InjectConfig:
     generic: bool = False
     skip: Tuple[str, ...] = ()
     act_overrides: Dict[str, dict] = field(default_factory=dict)
+    add_bias: Tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> 'InjectConfig':
@@ -107,8 +112,9 @@ class InjectConfig:
                 kw[key] = _qcfg(d[key], getattr(base, key) or QuantConfig(), key)
         if d.get('weight') is not None and isinstance(d['weight'], dict):
             kw['weight'] = WeightQuantConfig(**d['weight'])
-        if 'skip' in d:
-            kw['skip'] = tuple(d['skip'])
+        for key in ('skip', 'add_bias'):
+            if key in d:
+                kw[key] = tuple(d[key])
         if 'act_overrides' in d:
             kw['act_overrides'] = {} if d['act_overrides'] is None \
                 else d['act_overrides']
@@ -122,7 +128,7 @@ class InjectConfig:
             raise ValueError('quant.act must be set: GPLQ quantizes activations.')
         # validates the bit width through QuantConfig
         QuantConfig(**{**self.act.to_dict(), 'bits': self.first_layer_bits})
-        for pattern in self.skip:
+        for pattern in self.skip + tuple(self.add_bias):
             re.compile(pattern)
         if not isinstance(self.act_overrides, dict):
             raise TypeError('quant.act_overrides must be a dict {regex: dict of '
@@ -263,6 +269,10 @@ def inject(model: nn.Module, cfg: InjectConfig) -> InjectionReport:
         if isinstance(m, nn.Linear):
             act = cfg.act_for(name)
             new = QLinear.from_float(m, act, cfg.weight, name)
+            if new.bias is None and any(re.search(p, name)
+                                        for p in cfg.add_bias):
+                new.bias = nn.Parameter(new.weight.new_zeros(
+                    new.out_features))
             model.set_submodule(name, new)
             records.append(InjectionRecord(name, 'Linear', _desc_lin(
                 act, cfg.weight)))

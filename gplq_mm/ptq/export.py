@@ -28,8 +28,8 @@ class Stage2Error(Exception):
 @dataclass
 class Stage2Options:
     """What ``tools/gplq_quantize.py``'s options select (same defaults)."""
-    method: str = 'gplq'  # gplq | repq | qat
-    calib_images: int = 512
+    method: str = 'gplq'  # gplq | repq | repqvit | qat
+    calib_images: Optional[int] = None  # None: the method's own (below)
     batch_size: int = 4
     seed: int = 0
     w_bits: int = 4
@@ -44,6 +44,16 @@ class Stage2Options:
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     qwt_cache_gb: float = 2.0  # block inputs kept between QwT blocks
     qwt_spill_dir: Optional[str] = None  # ... and beyond that, on disk
+
+    def resolved_calib_images(self, cfg) -> int:
+        """``calib_images``, or where unset the method's own default: the
+        paper's 512; RepQ-ViT's 32 (classifiers) or 1 (detectors), which it
+        forwards as one batch."""
+        if self.calib_images is not None:
+            return self.calib_images
+        if self.method == 'repqvit':
+            return 1 if cfg.get('default_scope') == 'mmdet' else 32
+        return 512
 
     def torch_device(self):
         """The device stage 2 computes on (Stage2Error if unusable).
@@ -235,7 +245,7 @@ def prepare_config(cfg, method: str, config_path: str) -> None:
     from: a plain config is wrapped with GPLQModel (``repq`` only); the
     config must import gplq_mm and must not be a W4A4 config already."""
     if cfg.model.get('type') != 'GPLQModel':
-        if method != 'repq':
+        if method not in ('repq', 'repqvit'):
             raise Stage2Error(
                 f'{config_path} does not wrap its model with GPLQModel. '
                 f'--method {method} needs the stage-1 config the '

@@ -3,7 +3,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
 GRANULARITIES = ('per_tensor', 'per_channel', 'per_token')
-OBSERVERS = ('minmax', 'percentile', 'mse')
+OBSERVERS = ('minmax', 'percentile', 'mse', 'repq')
 KINDS = ('uniform', 'log2')
 FOLDS = ('pow2', 'full')
 
@@ -25,9 +25,17 @@ class QuantConfig:
             the unsigned grid ``[0, 2^b-1]`` (e.g. post-softmax, post-GELU).
         kind: ``uniform`` or ``log2`` (RepQ-ViT's log-sqrt2 quantizer, for
             post-softmax values in [0, 1]; unsigned, not learnable).
-        observer: Calibration statistic: ``minmax``, ``percentile`` or
+        zero_point: Asymmetric (affine) uniform grid: codes ``[0, 2^b-1]``
+            and a zero point per scale, ``x = (q - z) * s`` (the RepQ-ViT
+            baseline, :mod:`gplq_mm.ptq.repqvit`).  Needs ``signed=False``
+            and ``learnable=False``; fake quantization only (no integer
+            layer, no ONNX export).
+        observer: Calibration statistic: ``minmax``, ``percentile``,
             ``mse`` (the clipping range of least squared quantization error,
-            searched on the same histogram as ``percentile``).
+            searched on the same histogram as ``percentile``) or ``repq``
+            (RepQ-ViT's own search: exact quantiles of the whole calibration
+            tensor at 99.9/99.99/99.999%, the one of least squared error;
+            keeps every observed value, so calibrate with one batch).
         percentile: (low, high) percentiles for the ``percentile`` observer.
         learnable: Learn the scale with LSQ during training.
         bins: Histogram bins of the percentile observer (a power of two; the
@@ -40,6 +48,7 @@ class QuantConfig:
     axis: Optional[int] = None
     signed: bool = True
     kind: str = 'uniform'
+    zero_point: bool = False
     observer: str = 'minmax'
     percentile: Tuple[float, float] = (1.0, 99.0)
     learnable: bool = True
@@ -70,6 +79,21 @@ class QuantConfig:
             if self.observer == 'mse':
                 raise ValueError('observer="mse" searches a uniform grid; '
                                  'kind="log2" takes "minmax" or "percentile".')
+        if self.zero_point and (self.signed or self.kind != 'uniform' or
+                                self.learnable):
+            raise ValueError(
+                'zero_point=True is the asymmetric uniform grid of the '
+                'RepQ-ViT baseline: set signed=False, kind="uniform" and '
+                'learnable=False (LSQ learns zero-point-free scales).')
+        if self.observer == 'repq' and not (self.zero_point or
+                                            self.kind == 'log2'):
+            raise ValueError(
+                'observer="repq" searches RepQ-ViT\'s asymmetric or '
+                'log-sqrt2 grids: set zero_point=True (with signed=False) or '
+                'kind="log2", or use observer="mse" for a symmetric grid.')
+        if self.observer == 'repq' and self.granularity == 'per_token':
+            raise ValueError('observer="repq" calibrates per tensor or per '
+                             'channel (RepQ-ViT), not per token.')
         self.percentile = tuple(float(p) for p in self.percentile)
         if len(self.percentile) != 2 or \
                 not 0.0 <= self.percentile[0] < self.percentile[1] <= 100.0:
@@ -101,7 +125,8 @@ class QuantConfig:
         where = self.granularity if self.axis is None \
             else f'{self.granularity}({self.axis})'
         kind = '' if self.kind == 'uniform' else f' {self.kind}'
-        sign = '' if self.signed else ' unsigned'
+        sign = ' asym' if self.zero_point else \
+            ('' if self.signed else ' unsigned')
         return f'{self.bits}b {where}{kind}{sign} {self.observer}'
 
 

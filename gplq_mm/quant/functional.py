@@ -195,6 +195,24 @@ def fake_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     return _LSQFakeQuant.apply(x, scale.detach(), qmin, qmax, 0.0)
 
 
+def affine_qparams(lo: Tensor, hi: Tensor, qmax: int):
+    """Scale and zero point of the asymmetric grid ``[0, qmax]`` spanning
+    ``[lo, hi]`` (RepQ-ViT's ``UniformQuantizer``): ``s = (hi - lo) / qmax``,
+    ``z = round(-lo / s)``; a zero range gets the smallest scale."""
+    s = ((hi - lo).float() / qmax).clamp_min(MIN_SCALE)
+    return s, torch.round(-lo.float() / s)
+
+
+def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor,
+                         qmax: int) -> Tensor:
+    """``(clamp(round(x / s) + z, 0, qmax) - z) * s`` with a straight-through
+    gradient for ``x`` (RepQ-ViT's order of operations: ``z`` may be
+    fractional after its scale reparameterization)."""
+    q = torch.clamp(torch.round(x.detach() / scale) + zero_point, 0, qmax)
+    deq = (q - zero_point) * scale
+    return x + (deq - x).detach() if x.requires_grad else deq
+
+
 class _Log2FakeQuant(torch.autograd.Function):
 
     @staticmethod

@@ -83,7 +83,7 @@ class QLinear(nn.Linear):
         w = self.quantized_weight()
         aq = self.act_quant
         if aq is not None and aq.state in (QState.LEARNING, QState.FROZEN) \
-                and aq.cfg.kind == 'uniform':
+                and aq.cfg.kind == 'uniform' and not aq.cfg.zero_point:
             aq.check_ready(x)
             s = aq.effective_scale(1)  # [C] or scalar: broadcasts on last axis
             return lsq_linear(x, s, w, self.bias, aq.cfg.qmin, aq.cfg.qmax)
@@ -143,7 +143,8 @@ class QConv2d(nn.Conv2d):
         w = self.quantized_weight()
         aq = self.act_quant
         if aq is not None and aq.state in (QState.LEARNING, QState.FROZEN) \
-                and aq.cfg.kind == 'uniform' and self.padding_mode == 'zeros' \
+                and aq.cfg.kind == 'uniform' and not aq.cfg.zero_point \
+                and self.padding_mode == 'zeros' \
                 and not isinstance(self.padding, str) and x.ndim == 4:
             aq.check_ready(x)
             s = aq.effective_scale(2)  # [C] (axis 1 of a 2-D view) or scalar
@@ -424,6 +425,7 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
     if aq is None or not bool(aq.initialized):
         raise RuntimeError(f'{name}: the input quantizer must be calibrated '
                            'before the weights are quantized (stage 1 first).')
+    aq._no_zero_point('an integer layer')
     learned = None
     if use_learned_scale:
         wq = mod.weight_quant

@@ -338,6 +338,79 @@ class MSEObserver(PercentileObserver):
         return lo.float(), best.float()
 
 
+def quantile_rows(x: Tensor, q: float) -> Tensor:
+    """``torch.quantile(x, q, dim=1)`` (linear interpolation) for any size
+    (``torch.quantile`` refuses more than 2^24 values), by two order
+    statistics."""
+    n = x.shape[1]
+    # the rank as torch.quantile computes it: q rounded to x's dtype, times
+    # n - 1 in float64 (then the same lerp: the same bits)
+    pos = float(torch.tensor(q, dtype=x.dtype)) * (n - 1)
+    lo_i = int(pos)
+    hi_i = min(lo_i + 1, n - 1)
+    lo = x.kthvalue(lo_i + 1, dim=1).values
+    hi = x.kthvalue(hi_i + 1, dim=1).values if hi_i != lo_i else lo
+    return torch.lerp(lo, hi, torch.full_like(lo, pos - lo_i))
+
+
+class RepQObserver(_Observer):
+    """RepQ-ViT's calibration (``UniformQuantizer``/``LogSqrt2Quantizer``
+    ``init_quantization_scale`` of zkkli/RepQ-ViT), per row.
+
+    Keeps every observed value (RepQ-ViT calibrates on one batch).  At the
+    end it tries the quantiles ``p`` = 99.9, 99.99, 99.999 %: the asymmetric
+    grid spans ``[quantile(1 - p), quantile(p)]``, the log-sqrt2 grid takes
+    ``quantile(p)`` as its top level; it keeps the candidate with the least
+    mean squared quantization error (the first on ties, as RepQ-ViT).
+    """
+
+    PCTS = (0.999, 0.9999, 0.99999)
+
+    def __init__(self, num_rows: int, axis: Optional[int], bits: int,
+                 kind: str, name: str = ''):
+        super().__init__(num_rows, axis, name)
+        self.bits, self.kind = bits, kind
+        self.values = []
+
+    def update(self, x: Tensor) -> None:
+        self._row_minmax(x)  # checks the row count and finiteness
+        self.values.append(rows(x.detach().float(), self.axis))
+
+    def sync(self) -> None:
+        if _dist_on():
+            raise RuntimeError(
+                f'{self.name}: observer="repq" (the RepQ-ViT baseline) keeps '
+                'the calibration tensor and has no multi-process reduction; '
+                'run it in one process.')
+
+    def bounds(self):
+        from .functional import (affine_qparams, fake_quantize_affine,
+                                 fake_quantize_log2)
+        self._check_seen()
+        x = torch.cat(self.values, dim=1)
+        qmax = 2**self.bits - 1
+        best_err = best_lo = best_hi = None
+        for p in self.PCTS:
+            hi = quantile_rows(x, p)
+            if self.kind == 'log2':
+                lo = torch.zeros_like(hi)
+                deq = fake_quantize_log2(x, hi.clamp_min(1e-30)[:, None],
+                                         self.bits)
+            else:
+                lo = quantile_rows(x, 1.0 - p)
+                s, z = affine_qparams(lo, hi, qmax)
+                deq = fake_quantize_affine(x, s[:, None], z[:, None], qmax)
+            err = (x - deq).pow(2).mean(dim=1)
+            if best_err is None:
+                best_err, best_lo, best_hi = err, lo, hi
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, lo, best_lo)
+            best_hi = torch.where(better, hi, best_hi)
+        return best_lo, best_hi
+
+
 def build_observer(cfg, num_rows: int, name: str = ''):
     """Observer for a :class:`~gplq_mm.quant.config.QuantConfig`."""
     if cfg.observer == 'minmax':
@@ -345,8 +418,10 @@ def build_observer(cfg, num_rows: int, name: str = ''):
     if cfg.observer == 'mse':
         return MSEObserver(num_rows, cfg.axis, cfg.qmin, cfg.qmax, cfg.bins,
                            name=name)
+    if cfg.observer == 'repq':
+        return RepQObserver(num_rows, cfg.axis, cfg.bits, cfg.kind, name)
     if cfg.observer != 'percentile':
         raise ValueError(f'observer={cfg.observer!r} is unknown: choose '
-                         '"minmax", "percentile" or "mse".')
+                         '"minmax", "percentile", "mse" or "repq".')
     return PercentileObserver(num_rows, cfg.axis, cfg.bins, cfg.percentile,
                               name)

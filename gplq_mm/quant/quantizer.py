@@ -14,11 +14,15 @@ class QState(str, Enum):
     """What an :class:`ActQuantizer` does in ``forward``.
 
     OFF: identity.  CALIBRATING: identity, while an observer records statistics.
+    SEQUENTIAL: calibrate on the tensor of this call, then fake-quantize it
+    and stay FROZEN (RepQ-ViT's one-batch calibration: each quantizer is
+    calibrated on the output of the quantized layers before it).
     LEARNING: fake-quantize, the scale learns by LSQ.  FROZEN: fake-quantize,
     the scale gets no gradient (stage 2, evaluation of a finished model).
     """
     OFF = 'off'
     CALIBRATING = 'calibrating'
+    SEQUENTIAL = 'sequential'
     LEARNING = 'learning'
     FROZEN = 'frozen'
 
@@ -50,6 +54,8 @@ class ActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(num_channels),
                                   requires_grad=cfg.learnable)
         self.register_buffer('initialized', torch.tensor(False))
+        if cfg.zero_point:  # only then: other checkpoints keep their keys
+            self.register_buffer('zero_point', torch.zeros(num_channels))
         self.state = QState.LEARNING if cfg.learnable else QState.FROZEN
         self.observer = None
 
@@ -58,7 +64,7 @@ class ActQuantizer(nn.Module):
         state = QState(state)
         if state == QState.LEARNING and not self.cfg.learnable:
             state = QState.FROZEN
-        if state == QState.CALIBRATING:
+        if state in (QState.CALIBRATING, QState.SEQUENTIAL):
             self.observer = build_observer(self.cfg, self.num_channels,
                                            self.name)
         self.state = state
@@ -70,6 +76,15 @@ class ActQuantizer(nn.Module):
                                'set_state("calibrating") first.')
         self.observer.sync()
         lo, hi = self.observer.bounds()
+        if self.cfg.zero_point:
+            s, z = QF.affine_qparams(lo, hi, self.cfg.qmax)
+            with torch.no_grad():
+                self.scale.copy_(s.to(self.scale))
+                self.zero_point.copy_(z.to(self.zero_point))
+                self.initialized.fill_(True)
+            self.observer = None
+            self.set_state(QState.LEARNING)
+            return
         if self.cfg.kind == 'log2':
             absmax = hi.clamp_min(0)  # post-softmax: the top level is max(x)
         elif self.cfg.signed:
@@ -112,16 +127,31 @@ class ActQuantizer(nn.Module):
         if self.state == QState.CALIBRATING:
             self.observer.update(x)
             return x
+        if self.state == QState.SEQUENTIAL:
+            self.observer.update(x)
+            self.finish_calibration()
         self.check_ready(x)
         if torch.onnx.is_in_onnx_export():  # one gplq::QDQ node
+            self._no_zero_point('ONNX export')
             return onnx_ops.qdq(x, self.scale, self.cfg, self.name)
         s = self.effective_scale(x.ndim)
+        if self.cfg.zero_point:
+            z = QF.scale_view(self.zero_point, x.ndim, self.cfg.axis)
+            return QF.fake_quantize_affine(x, s, z, self.cfg.qmax)
         if self.cfg.kind == 'log2':
             return QF.fake_quantize_log2(x, s, self.cfg.bits)
         return QF.fake_quantize_lsq(x, s, self.cfg.qmin, self.cfg.qmax)
 
+    def _no_zero_point(self, what: str) -> None:
+        if self.cfg.zero_point:
+            raise ValueError(
+                f'{self.name}: {what} needs a zero-point-free grid; this '
+                'quantizer is asymmetric (zero_point=True, the RepQ-ViT '
+                'baseline), which gplq_mm evaluates in fake quantization only.')
+
     def codes(self, x: Tensor) -> Tensor:
         """Integer codes (as float) of ``x`` on this quantizer's grid."""
+        self._no_zero_point('an integer layer')
         s = QF.scale_view(self.scale.detach().clamp_min(QF.MIN_SCALE), x.ndim,
                           self.cfg.axis)
         return QF.quantize(x, s, self.cfg.qmin, self.cfg.qmax)

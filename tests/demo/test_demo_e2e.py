@@ -11,7 +11,8 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-STAGES = ('fp32', 'ptq', 'ptq_qwt', 'qat', 'gplq_w32a4', 'gplq_w4a4')
+STAGES = ('fp32', 'ptq', 'ptq_qwt', 'repqvit', 'qat', 'gplq_w32a4',
+          'gplq_w4a4')
 # the real-pretrained classifier also probes every row on downstream sets
 PROBED = {'det': False, 'dino': True}
 
@@ -52,11 +53,15 @@ def _check_task(res, task, work):
     by = {r['method']: r for r in rows}
     fp32 = by['FP32']['checkpoint_mib']
     for name, row in by.items():
-        if 'W4A4' in name:  # integer checkpoints are smaller than FP32
-            assert row['checkpoint_mib'] < fp32, name
-            ck = torch.load(row['checkpoint'], map_location='cpu',
-                            weights_only=True)
-            assert any(k.endswith('weight_packed') for k in ck['state_dict'])
+        if 'W4A4' not in name:
+            continue
+        ck = torch.load(row['checkpoint'], map_location='cpu',
+                        weights_only=True)
+        packed = any(k.endswith('weight_packed') for k in ck['state_dict'])
+        if 'simulated' in name:  # RepQ-ViT: fake quant, 4-bit values as floats
+            assert ck['meta']['gplq']['simulated'] and not packed, name
+        else:  # integer checkpoints are smaller than FP32
+            assert row['checkpoint_mib'] < fp32 and packed, name
     md = (work / 'results.md').read_text()
     assert md.count(f'## {task}\n') == 1
     if PROBED[task]:  # the paper's Table 1 protocol: downstream linear probes

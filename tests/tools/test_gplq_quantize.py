@@ -189,6 +189,45 @@ def test_repq_from_fp32_with_plain_config(runs, arch, tmp_path):
     assert 0 <= metrics['accuracy/top1'] <= 100
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('name,images', [('cls', 8), ('det', 1)])
+def test_repqvit_from_fp32_then_stock_test(runs, arch, tmp_path, name,
+                                           images):
+    """--method repqvit (the RepQ-ViT baseline as its public code does it):
+    FP32 checkpoint + plain config -> a simulated W4A4 model (asymmetric
+    per-tensor inputs, LayerNorms reparameterized, weights on their 4-bit
+    grid) that the stock test script evaluates."""
+    a = arch[name]
+    out = tmp_path / 'repqvit'
+    proc = quantize_ok(runs, a.plain_cfg, a.fp32_ckpt, '--method', 'repqvit',
+                       '--out-dir', out, '--calib-images', images,
+                       cwd=tmp_path)
+    assert 'no QwT' in proc.stdout + proc.stderr
+    files = outputs(out, osp.splitext(osp.basename(a.plain_cfg))[0])
+    report = json.load(open(files['json']))
+    assert report['method'] == 'repqvit' and report['simulated']
+    assert report['repqvit']['reparameterized'] > 0
+    ckpt = torch.load(files['pth'], weights_only=True)
+    sd, fp32 = ckpt['state_dict'], torch.load(a.fp32_ckpt,
+                                              weights_only=True)['state_dict']
+    zps = [k for k in sd if k.endswith('act_quant.zero_point')]
+    assert zps and all(sd[k].numel() == 1 for k in zps)  # all per tensor
+    assert not any('weight_packed' in k for k in sd)
+    norm = [k for k in fp32 if k.endswith(('ln1.weight', 'norm1.weight'))][0]
+    assert not torch.equal(sd['model.' + norm], fp32[norm])  # reparameterized
+    for k, w in sd.items():  # every quantized weight: <= 16 values per row
+        if k.endswith('.weight') and k[:-len('weight')] + 'act_quant.scale' \
+                in sd and w.ndim >= 2:
+            rows = w.reshape(w.shape[0], -1)
+            assert max(len(torch.unique(r)) for r in rows) <= 16, k
+    cfg_text = open(files['py']).read()
+    assert 'zero_point=True' in cfg_text and 'per_channel' not in cfg_text
+    assert 'w4a4=' not in cfg_text
+    metrics = stock_test(runs, a, files['py'], files['pth'],
+                         str(tmp_path / 'stock'), str(tmp_path / 'p.pkl'))
+    assert metrics
+
+
 # --------------------------------------------------------------------------
 # bad input: clear message, exit code != 0, nothing left in --out-dir
 # --------------------------------------------------------------------------
