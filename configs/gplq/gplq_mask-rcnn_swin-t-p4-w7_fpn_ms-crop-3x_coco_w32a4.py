@@ -22,6 +22,7 @@ custom_imports = dict(imports=['gplq_mm'], allow_failed_imports=False)
 # compares against): Linear/Conv inputs A4 per channel, the patch embedding
 # input A8, q/k/v A4 per token, post-softmax A4 log-sqrt2.
 fp32_model = _base_.model
+fp32_model.backbone.drop_path_rate = _base_.gplq_drop_path_rate  # stage1.py
 fp32_model.backbone.init_cfg = None  # weights come from load_from
 model = dict(
     _delete_=True,

@@ -94,6 +94,12 @@ def test_config_parses_and_builds(name):
 
     model = build(cfg)
     assert isinstance(model, GPLQModel)
+    # stage 1 runs without stochastic depth (the bases train with 0.1-0.5;
+    # docs/ablation.md §7): no DropPath left that drops anything
+    drops = [n for n, m in model.named_modules()
+             if type(m).__name__ == 'DropPath']
+    assert drops and all(model.get_submodule(n).drop_prob == 0.0
+                         for n in drops), name
     kinds = {r.kind for r in model.report.records}
     assert kinds == {'Linear', 'Conv2d', 'attention'}
     # the top-level data_preprocessor (mmpretrain) reaches the inner model
