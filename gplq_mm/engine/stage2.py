@@ -24,7 +24,7 @@ import gplq_mm
 from gplq_mm.engine.input_check import check_finite_inputs
 from gplq_mm.engine.safe_checkpoint import (UnsafeCheckpointError,
                                             load_checkpoint_file)
-from gplq_mm.models.checkpoint_keys import has_quant_state
+from gplq_mm.models.checkpoint_keys import QUANT_KEY, has_quant_state
 from gplq_mm.models.gplq_model import CheckpointMismatchError
 from gplq_mm.ptq.calib import (build_calib_loader, calibrate_activations,
                                override_observers)
@@ -42,9 +42,13 @@ from gplq_mm.utils import sha256
 
 
 def load_source(model, checkpoint: str, config_path: str,
-                trust: bool = False):
+                trust: bool = False, skip_quant_state: bool = False):
     """Read ``checkpoint`` (safely unless ``trust``) and load it into
-    ``model``; returns ``(checkpoint dict, its state dict)``."""
+    ``model``; returns ``(checkpoint dict, its state dict)``.
+
+    ``skip_quant_state``: leave out quantizer state (scales of a stage-1
+    checkpoint, whose placement differs from RepQ-ViT's): it is recalibrated.
+    """
     try:
         ckpt = load_checkpoint_file(checkpoint, trust=trust)
     except UnsafeCheckpointError as e:
@@ -62,7 +66,9 @@ def load_source(model, checkpoint: str, config_path: str,
     try:
         # GPLQModel's load hook checks keys and shapes (CheckpointMismatchError
         # names them) before torch would raise its own size-mismatch error
-        model.load_state_dict(sd, strict=False)
+        model.load_state_dict(
+            {k: v for k, v in sd.items() if not QUANT_KEY.search(k)}
+            if skip_quant_state else sd, strict=False)
     except CheckpointMismatchError as e:
         raise Stage2Error(f'{checkpoint} with config {config_path}: {e}') \
             from None
@@ -136,7 +142,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     with phases('load'):
         model = MODELS.build(runner_model_cfg(cfg))
         ckpt, sd = load_source(model, checkpoint, config_path,
-                               opts.trust_checkpoint)
+                               opts.trust_checkpoint, skip_quant_state=repqvit)
         # forward passes, calibration and the integer layers run on
         # ``device`` (the data preprocessor moves each batch there); the QwT
         # sums stay float64 on the CPU (QwTSums.update copies each chunk of
@@ -190,6 +196,7 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     calib_seconds = 0.0
     try:
         if repqvit:
+            model.eval()  # as RepQ-ViT: no drop-path/dropout while calibrating
             t_cal = time.time()
             with phases('calibration'):
                 counts = repqvit_ptq(

@@ -228,6 +228,23 @@ def test_repqvit_from_fp32_then_stock_test(runs, arch, tmp_path, name,
     assert metrics
 
 
+@pytest.mark.slow
+def test_repqvit_from_a_stage1_checkpoint_with_drop_path(runs, arch,
+                                                         tmp_path):
+    """--method repqvit on a W32A4 checkpoint and its stage-1 config: the
+    stage-1 scales (another placement) are left out and recalibrated, and
+    calibration runs in eval mode (drop-path on in the config would
+    otherwise perturb the ranges and fail the self-check)."""
+    a = arch['cls']
+    out = tmp_path / 'repqvit'
+    proc = quantize_ok(runs, a.stage1_cfg, a.w32a4_ckpt, '--method', 'repqvit',
+                       '--out-dir', out, '--calib-images', 8, '--cfg-options',
+                       'model.model.backbone.drop_path_rate=0.1', cwd=tmp_path)
+    assert 'recalibrated from scratch' in proc.stdout + proc.stderr
+    files = outputs(out, osp.splitext(osp.basename(a.stage1_cfg))[0])
+    assert json.load(open(files['json']))['simulated']
+
+
 # --------------------------------------------------------------------------
 # bad input: clear message, exit code != 0, nothing left in --out-dir
 # --------------------------------------------------------------------------
