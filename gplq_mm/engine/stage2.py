@@ -197,16 +197,25 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
     try:
         if repqvit:
             model.eval()  # as RepQ-ViT: no drop-path/dropout while calibrating
+            batch = next(iter(loader))  # the whole calibration set
             t_cal = time.time()
             with phases('calibration'):
-                counts = repqvit_ptq(
-                    model.model, lambda: full_forward(next(iter(loader))),
-                    opts.w_bits, log)
+                counts = repqvit_ptq(model.model, lambda: full_forward(batch),
+                                     opts.w_bits, log)
             calib_seconds = time.time() - t_cal
-            return _write_simulated(model, cfg, checkpoint, ckpt, sd,
-                                    out_dir, name, opts, outputs, loader,
-                                    calib_record, counts, phases, device,
-                                    calib_seconds, t_start)
+            # the written config evaluates the reparameterized placement (all
+            # inputs per tensor) in fake quantization; the checkpoint holds
+            # the 4-bit weights as floats
+            out_cfg = cfg.copy()
+            out_cfg.model.quant = repqvit_quant(REPQVIT_A_BITS,
+                                                per_channel=False)
+            return _write_outputs(
+                model, out_cfg, checkpoint, ckpt, sd, out_dir, name, opts,
+                outputs, batch, calib_record, phases, device, t_start,
+                meta=dict(a_bits=REPQVIT_A_BITS, simulated=True),
+                report=lambda: dict(simulated=True, a_bits=REPQVIT_A_BITS,
+                                    repqvit=counts,
+                                    calib_seconds=calib_seconds))
         if opts.method == 'repq':
             override_observers(model, opts.act_observer)
             t_cal = time.time()
@@ -293,19 +302,3 @@ def _write_outputs(model, out_cfg, checkpoint, ckpt, sd, out_dir, name, opts,
     atomic_write(json_path,
                  lambda p: write_text(p, json.dumps(summary, indent=1)))
     return summary
-
-
-def _write_simulated(model, cfg, checkpoint, ckpt, sd, out_dir, name, opts,
-                     outputs, loader, calib_record, counts, phases, device,
-                     calib_seconds, t_start) -> Optional[dict]:
-    """Outputs of ``--method repqvit``: the config evaluates the
-    reparameterized placement (all inputs per tensor) in fake quantization;
-    the checkpoint holds the 4-bit weights as floats."""
-    out_cfg = cfg.copy()
-    out_cfg.model.quant = repqvit_quant(REPQVIT_A_BITS, per_channel=False)
-    return _write_outputs(
-        model, out_cfg, checkpoint, ckpt, sd, out_dir, name, opts, outputs,
-        next(iter(loader)), calib_record, phases, device, t_start,
-        meta=dict(a_bits=REPQVIT_A_BITS, simulated=True),
-        report=lambda: dict(simulated=True, a_bits=REPQVIT_A_BITS,
-                            repqvit=counts, calib_seconds=calib_seconds))

@@ -76,24 +76,22 @@ class ActQuantizer(nn.Module):
                                'set_state("calibrating") first.')
         self.observer.sync()
         lo, hi = self.observer.bounds()
-        if self.cfg.zero_point:
-            s, z = QF.affine_qparams(lo, hi, self.cfg.qmax)
-            with torch.no_grad():
-                self.scale.copy_(s.to(self.scale))
-                self.zero_point.copy_(z.to(self.zero_point))
-                self.initialized.fill_(True)
-            self.observer = None
-            self.set_state(QState.LEARNING)
-            return
-        if self.cfg.kind == 'log2':
-            absmax = hi.clamp_min(0)  # post-softmax: the top level is max(x)
-        elif self.cfg.signed:
-            absmax = torch.maximum(lo.abs(), hi.abs())
+        zero = None
+        if self.cfg.zero_point:  # asymmetric: the grid spans [lo, hi]
+            scale, zero = QF.affine_qparams(lo, hi, self.cfg.qmax)
         else:
-            absmax = hi.clamp_min(0)
-        qmax = 1 if self.cfg.kind == 'log2' else self.cfg.qmax
+            if self.cfg.kind == 'log2':
+                absmax = hi.clamp_min(0)  # post-softmax: top level is max(x)
+            elif self.cfg.signed:
+                absmax = torch.maximum(lo.abs(), hi.abs())
+            else:
+                absmax = hi.clamp_min(0)
+            qmax = 1 if self.cfg.kind == 'log2' else self.cfg.qmax
+            scale = QF.choose_qparams(absmax, qmax)
         with torch.no_grad():
-            self.scale.copy_(QF.choose_qparams(absmax, qmax).to(self.scale))
+            self.scale.copy_(scale.to(self.scale))
+            if zero is not None:
+                self.zero_point.copy_(zero.to(self.zero_point))
             self.initialized.fill_(True)
         self.observer = None
         self.set_state(QState.LEARNING)
