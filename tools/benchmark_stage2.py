@@ -88,6 +88,10 @@ def parse_args(argv=None):
                    help='stage 2 --qwt-spill-dir for the QwT runs')
     p.add_argument('--device', default='cpu',
                    help='stage 2 --device, and where the FP32 forward runs')
+    p.add_argument('--weight-rounding', choices=['nearest', 'gptq'],
+                   default=None, help="gplq_quantize.py's --weight-rounding "
+                   '(default: the tool\'s, gptq; nearest for the tables '
+                   'measured before it)')
     p.add_argument('--work-dir', default='work_dirs/benchmark_stage2')
     p.add_argument('--timeout', type=int, default=3600,
                    help='seconds per stage-2 run')
@@ -147,10 +151,12 @@ def fp32_forward_seconds(cfg, model, device: str, repeats: int = 3):
 
 
 def stage2(cfg_path, ckpt, out, images, qwt, device, timeout,
-           cache_gb=None, spill_dir=None):
+           cache_gb=None, spill_dir=None, rounding=None):
     cmd = [sys.executable, osp.join(REPO, 'tools', 'gplq_quantize.py'),
            cfg_path, ckpt, '--method', 'repq', '--out-dir', out,
            '--calib-images', str(images), '--batch-size', '1', '--name', 'b']
+    if rounding is not None:
+        cmd += ['--weight-rounding', rounding]
     if device != 'cpu':
         cmd += ['--device', device]
     if not qwt:
@@ -193,7 +199,8 @@ def main(argv=None):
         for n in sorted(set(args.images)):
             out = osp.join(args.work_dir, f'n{n}_{"qwt" if qwt else "noqwt"}')
             r = stage2(cfg_path, ckpt, out, n, qwt, args.device, args.timeout,
-                       args.qwt_cache_gb, args.qwt_spill_dir)
+                       args.qwt_cache_gb, args.qwt_spill_dir,
+                       args.weight_rounding)
             runs.append(r)
             print(f'{n:4d} images, QwT {"yes" if qwt else "no "}: wall '
                   f'{r["wall_s"]:.0f} s (calibration {r["calib_s"]:.0f} s, '
@@ -216,6 +223,7 @@ def main(argv=None):
     for k, v in summary.items():
         print(k, json.dumps(v) if isinstance(v, dict) else f'{v:.2f}')
     res = dict(device=args.device, fp32_forward_s=fwd, input_shape=shape,
+               weight_rounding=args.weight_rounding or 'gptq (default)',
                qwt_cache_gb=args.qwt_cache_gb,
                qwt_spill_dir=args.qwt_spill_dir,
                threads=torch.get_num_threads(), runs=runs, summary=summary,

@@ -72,6 +72,10 @@ DEFAULT_TASKS = ('det', 'dino')
 #: cached quantized stages are redone (2: percentile initialisation, the pow2
 #: fold of stage 2).
 QUANT_VERSION = 2
+#: Bump when stage 2's weight quantization (percentile PTQ and GPLQ stage 2
+#: rows) computes something else: only those stages are redone (1: GPTQ
+#: rounding by default).
+WEIGHT_PTQ_VERSION = 1
 #: the row whose checkpoint is simulated (fake quant, FP32-sized)
 REPQVIT_LABEL = 'RepQ-ViT W4A4 (faithful, simulated)'
 
@@ -297,7 +301,7 @@ def run_task(task: str, args, size: dict, log,
                  '--out-dir', out, '--name', name, *calib, *extra],
                 [PY, test, osp.join(out, f'{name}_w4a4.py'), ck, '--work-dir',
                  out],
-            ], dict(qkey, seed=s), dict(ckpt=ck))
+            ], dict(qkey, seed=s, weights=WEIGHT_PTQ_VERSION), dict(ckpt=ck))
             record(label, s, r, name + sfx, st, ck,
                    osp.join(out, f'{name}_w4a4.py'))
 
@@ -346,7 +350,7 @@ def run_task(task: str, args, size: dict, log,
             [PY, QUANTIZE, spec['gplq'], w32a4, '--out-dir', out, '--name',
              'gplq', *calib],
             [PY, test, osp.join(out, 'gplq_w4a4.py'), ck, '--work-dir', out],
-        ], dict(gplq_key, seed=s), dict(ckpt=ck))
+        ], dict(gplq_key, seed=s, weights=WEIGHT_PTQ_VERSION), dict(ckpt=ck))
         record('GPLQ W4A4 (+QwT)', s, r, 'gplq_w4a4' + sfx, st, ck,
                osp.join(out, 'gplq_w4a4.py'))
     for label, runs in per_method.items():

@@ -72,6 +72,14 @@ def parse_args(argv=None):
                    'full: fold the whole activation scale into the weight')
     p.add_argument('--max-shift', type=int, default=4,
                    help='--fold pow2: largest code shift (4: shifted codes fit int8)')
+    p.add_argument('--weight-rounding', choices=['nearest', 'gptq'],
+                   default=None,
+                   help='how codes are chosen on the searched weight grid: '
+                   'GPTQ against the Gram matrix of each Linear layer\'s '
+                   'calibration inputs (one extra forward per image; same '
+                   'grid and integer layers; the default for gplq and repq), '
+                   'or each weight to its nearest code (the default for qat '
+                   'and repqvit)')
     p.add_argument('--calib-pipeline', choices=['test', 'train'], default='test',
                    help='pipeline for calibration images (test: no random augmentation)')
     p.add_argument('--act-observer', choices=['percentile', 'minmax'],
@@ -141,7 +149,8 @@ def options(args):
         batch_size=args.batch_size, seed=args.seed, w_bits=args.w_bits,
         qwt=not args.no_qwt, qwt_lambda=args.qwt_lambda,
         clip_search=args.clip_search, fold=args.fold,
-        max_shift=args.max_shift, calib_pipeline=args.calib_pipeline,
+        max_shift=args.max_shift, weight_rounding=args.weight_rounding,
+        calib_pipeline=args.calib_pipeline,
         act_observer=args.act_observer,
         trust_checkpoint=args.trust_checkpoint, device=args.device,
         qwt_cache_gb=args.qwt_cache_gb, qwt_spill_dir=args.qwt_spill_dir)

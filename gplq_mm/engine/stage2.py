@@ -232,7 +232,8 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
                                 batch_ids=loader.batch_sampler.global_ids,
                                 progress=is_main_process(),
                                 cache_bytes=int(opts.qwt_cache_gb * 2**30),
-                                spill_dir=opts.qwt_spill_dir)
+                                spill_dir=opts.qwt_spill_dir,
+                                full_run=full_forward)
     except NonFiniteError as e:  # in the images (named) or inside the model
         raise Stage2Error(f'{e} Nothing was written.') from None
     except RepQViTError as e:
@@ -251,7 +252,8 @@ def quantize_checkpoint(cfg, config_path: str, checkpoint: str, out_dir: str,
         next(iter(loader)), calib_record, phases, device, t_start,
         meta=dict(a_bits=model.quant_cfg.act.bits, fold=fold,
                   max_shift=w_cfg.max_shift if fold == 'pow2' else 0,
-                  qwt=opts.qwt, qwt_lambda=opts.qwt_lambda, qwt_blocks=kept),
+                  weight_rounding=w_cfg.rounding, qwt=opts.qwt,
+                  qwt_lambda=opts.qwt_lambda, qwt_blocks=kept),
         report=lambda: dict(
             integer_layers=len(integer_layers(model.model)),
             qwt_blocks_kept=len(kept), qwt_blocks=len(report.blocks),

@@ -78,10 +78,13 @@ def block_width(block: nn.Module) -> Optional[int]:
 
 
 def convert_layer(model: nn.Module, name: str, w_cfg: WeightQuantConfig,
-                  use_learned_scale: bool = False) -> nn.Module:
-    """Replace the QLinear/QConv2d ``name`` of ``model`` by its integer form."""
+                  use_learned_scale: bool = False,
+                  hessian: Optional[torch.Tensor] = None) -> nn.Module:
+    """Replace the QLinear/QConv2d ``name`` of ``model`` by its integer form
+    (``hessian``: GPTQ rounding, :func:`gplq_mm.quant.to_integer`)."""
     mod = model.get_submodule(name)
-    new = to_integer(mod, w_cfg, name, use_learned_scale=use_learned_scale)
+    new = to_integer(mod, w_cfg, name, use_learned_scale=use_learned_scale,
+                     hessian=hessian)
     model.set_submodule(name, new)
     return new
 

@@ -38,6 +38,8 @@ class Stage2Options:
     clip_search: str = 'mse'
     fold: str = 'pow2'  # WeightQuantConfig.fold
     max_shift: int = 4
+    # WeightQuantConfig.rounding; None: the method's own (resolved_rounding)
+    weight_rounding: Optional[str] = None
     calib_pipeline: str = 'test'
     act_observer: str = 'percentile'
     trust_checkpoint: bool = False
@@ -54,6 +56,15 @@ class Stage2Options:
         if self.method == 'repqvit':
             return 1 if cfg.get('default_scope') == 'mmdet' else 32
         return 512
+
+    def resolved_rounding(self) -> str:
+        """``weight_rounding``, or where unset: GPTQ for the weight PTQ of
+        ``gplq`` and ``repq`` (chosen on a validation split: docs/ablation.md
+        §8); nearest for ``qat`` (its codes are the trained ones) and
+        ``repqvit`` (as RepQ-ViT's code)."""
+        if self.weight_rounding is not None:
+            return self.weight_rounding
+        return 'nearest' if self.method in ('qat', 'repqvit') else 'gptq'
 
     def torch_device(self):
         """The device stage 2 computes on (Stage2Error if unusable).
@@ -101,12 +112,22 @@ class Stage2Options:
         if self.qwt_lambda < 0:
             raise Stage2Error(f'--qwt-lambda {self.qwt_lambda}: the ridge '
                               'lambda must be >= 0.')
+        rounding = self.resolved_rounding()
+        if rounding == 'gptq' and self.method in ('qat', 'repqvit'):
+            raise Stage2Error(
+                f'--weight-rounding gptq does not apply to --method '
+                f'{self.method}: ' + ('its codes are the trained ones (the '
+                'conversion is exact)' if self.method == 'qat' else
+                'RepQ-ViT rounds its weights to nearest, as its public code') +
+                '; leave --weight-rounding at nearest.')
         try:
             return WeightQuantConfig(bits=self.w_bits, search=self.clip_search,
-                                     fold=self.fold, max_shift=self.max_shift)
+                                     fold=self.fold, max_shift=self.max_shift,
+                                     rounding=rounding)
         except ValueError as e:
             raise Stage2Error(f'--w-bits {self.w_bits} --fold {self.fold} '
-                              f'--max-shift {self.max_shift}: {e}') from None
+                              f'--max-shift {self.max_shift} --weight-rounding '
+                              f'{rounding}: {e}') from None
 
 
 class OutputFiles:

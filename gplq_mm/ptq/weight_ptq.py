@@ -4,13 +4,16 @@ Order (what the paper asks for; docs/design.md §1):
 
 1. activation quantizers frozen (scales from stage 1, or from PTQ calibration
    for the RepQ-ViT-style baseline);
-2. every Linear/Conv2d *outside* the transformer blocks (patch embedding,
+2. with ``WeightQuantConfig.rounding='gptq'``: the Gram matrix of every
+   Linear layer's integer input, one forward of the W32A4 model per
+   calibration batch (:func:`collect_hessians`);
+3. every Linear/Conv2d *outside* the transformer blocks (patch embedding,
    patch merging, neck, heads) is converted to its integer form: activation
    scale folded into the weight (``WeightQuantConfig.fold``: with ``'pow2'``,
    the default, only the part ``t`` of ``s = t * 2^e``; the shifts ``e`` act
-   on the codes), per-output-channel 4-bit codes with a searched clipping
-   range;
-3. transformer blocks in forward order: the block input X is produced by the
+   on the codes), per-output-channel 4-bit codes on a searched clipping
+   range, rounded to nearest or by GPTQ (:mod:`gplq_mm.quant.gptq`);
+4. transformer blocks in forward order: the block input X is produced by the
    already quantized and compensated model; the block is run with FP32
    weights (Y_fp) and with integer weights (Y_q), both on A4 inputs; the
    running float64 sums of QwT (X^T X, X^T (Y_fp - Y_q)) are accumulated
@@ -43,8 +46,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from gplq_mm.quant import (IntQConv2d, IntQLinear, QState, QwTSums,
+from gplq_mm.quant import (IntQConv2d, IntQLinear, QLinear, QState, QwTSums,
                            WeightQuantConfig, fit_qwt, set_act_state)
+from gplq_mm.quant.gptq import hessian_update
+from gplq_mm.quant.modules import integer_layer_input
+from gplq_mm.quant.observers import all_reduce_
 from gplq_mm.quant.qwt import QwTScratch
 from .convert import (attach_qwt, block_width, convert_layer, float_layers,
                       transformer_blocks)
@@ -81,6 +87,8 @@ class PTQReport:
     # forwards run (this process): prefix = model forwards up to a block,
     # block = FP32 + integer block forwards, chained = block-input cache
     forwards: Dict[str, int] = field(default_factory=dict)
+    # GPTQ: seconds of the forward that collects the input Gram matrices
+    hessian_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,15 +116,83 @@ def _rel_error(layer: nn.Module, weight: torch.Tensor) -> float:
 
 def convert_outside_blocks(model: nn.Module, w_cfg: WeightQuantConfig,
                            report: PTQReport,
-                           use_learned_scale: bool = False) -> None:
+                           use_learned_scale: bool = False,
+                           hessians: Optional[Dict[str, torch.Tensor]] = None
+                           ) -> None:
     block_names = [n for n, _ in transformer_blocks(model)]
+    hessians = {} if hessians is None else hessians
     for name in float_layers(model):
         if any(name.startswith(b + '.') for b in block_names):
             continue
         w = model.get_submodule(name).weight
-        new = convert_layer(model, name, w_cfg, use_learned_scale)
+        new = convert_layer(model, name, w_cfg, use_learned_scale,
+                            hessians.pop(name, None))
         report.layers.append(LayerReport(name, list(w.shape),
                                          _rel_error(new, w)))
+
+
+def collect_hessians(model: nn.Module, batches: Callable[[], Iterable],
+                     run: Callable[[object], None], w_cfg: WeightQuantConfig,
+                     log: Callable[[str], None] = lambda msg: None
+                     ) -> Dict[str, torch.Tensor]:
+    """GPTQ's ``H = Z^T Z`` (float64) for every QLinear of the calibrated
+    W32A4 ``model``, ``Z`` its integer-layer input (``integer_layer_input``),
+    from one forward per calibration batch (``run``: the whole model, so that
+    neck and head layers are reached).
+
+    One pass for all layers, before any weight is quantized: the inputs come
+    from the W32A4 model (4-bit activations, FP32 weights), not from the
+    partly quantized one as in GPTQ's layer-by-layer pass; with the
+    activations already on their 4-bit grid the two differ only by the
+    upstream weight error, and the pass costs one forward per image.
+    Under ``torch.distributed`` the sums are all-reduced (every process gets
+    all batches' sums).  Conv2d layers and Linear layers wider than
+    ``w_cfg.gptq_max_columns`` get none (they round to nearest; logged).
+    """
+    linear, other = [], []
+    for name in float_layers(model):
+        mod = model.get_submodule(name)
+        if isinstance(mod, QLinear) and \
+                mod.in_features <= w_cfg.gptq_max_columns:
+            linear.append(name)
+        else:
+            other.append(name)
+    if other:
+        log(f'GPTQ rounding for {len(linear)} Linear layers; {len(other)} '
+            'layers round to nearest (Conv2d, or Linear with more than '
+            f'{w_cfg.gptq_max_columns} inputs): {", ".join(other[:4])}'
+            f'{" ..." if len(other) > 4 else ""}')
+    hs: Dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in linear:
+        def hook(mod, args, name=name):
+            hs[name] = hessian_update(
+                hs.get(name), integer_layer_input(mod, args[0], w_cfg), name)
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches():
+                run(batch)
+                del batch
+    finally:
+        for h in hooks:
+            h.remove()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for name in linear:  # same order on every process
+            if name not in hs:  # this process's batches never reached it
+                k = model.get_submodule(name).in_features
+                hs[name] = torch.zeros(k, k, dtype=torch.float64, device=next(
+                    model.get_submodule(name).parameters()).device)
+            all_reduce_(hs[name])
+            if not bool(hs[name].any()):  # no process's batches reached it
+                del hs[name]
+    # kept on the CPU until their layer is converted (ViT-L: ~4 GB)
+    hs = {k: v.cpu() for k, v in hs.items()}
+    missing = [n for n in linear if n not in hs]
+    if missing:
+        log(f'GPTQ: no calibration input reached {", ".join(missing[:4])}'
+            f'{" ..." if len(missing) > 4 else ""}; they round to nearest')
+    return hs
 
 
 def _block_inputs(model: nn.Module, block: nn.Module,
@@ -307,7 +383,9 @@ def weight_ptq(model: nn.Module,
                batch_ids: Optional[Sequence[int]] = None,
                progress: bool = False,
                cache_bytes: int = 2 * 2**30,
-               spill_dir: Optional[str] = None) -> PTQReport:
+               spill_dir: Optional[str] = None,
+               full_run: Optional[Callable[[object], None]] = None
+               ) -> PTQReport:
     """Quantize the weights of a calibrated W32A4 ``model`` in place.
 
     Args:
@@ -352,13 +430,25 @@ def weight_ptq(model: nn.Module,
             forwards.  At real size that is what keeps every image off the
             prefix forwards with flat memory: a 1333x800 Swin-T stage-0 input
             is ~26 MB, ~13 GB for 512 images.  None: no spilling.
+        full_run: Runs the whole model on one batch (default ``run``): the
+            forward that collects GPTQ's Hessians when ``w_cfg.rounding`` is
+            ``'gptq'`` (:func:`collect_hessians`; not with
+            ``use_learned_scale``, whose codes are the trained ones).
     """
     log = logger or (lambda msg: None)
     t0 = time.time()
     report = PTQReport()
     set_act_state(model, QState.FROZEN)
     model.eval()
-    convert_outside_blocks(model, w_cfg, report, use_learned_scale)
+    hessians: Dict[str, torch.Tensor] = {}
+    if w_cfg.rounding == 'gptq' and not use_learned_scale:
+        th = time.time()
+        hessians = collect_hessians(model, batches, full_run or run, w_cfg, log)
+        report.hessian_seconds = time.time() - th
+        log(f'GPTQ: input Gram matrices of {len(hessians)} Linear layers '
+            f'({sum(h.numel() * 8 for h in hessians.values()) / 2**20:.0f} MiB, '
+            f'{report.hessian_seconds:.1f}s)')
+    convert_outside_blocks(model, w_cfg, report, use_learned_scale, hessians)
     log(f'converted {len(report.layers)} layers outside transformer blocks')
     blocks = transformer_blocks(model)
     # float64 copies of QwTSums.update, shared by all blocks (reallocated
@@ -379,7 +469,8 @@ def weight_ptq(model: nn.Module,
             fp_block = copy.deepcopy(block) if qwt else None
             for name in float_layers(model, bname):
                 w = model.get_submodule(name).weight
-                new = convert_layer(model, name, w_cfg, use_learned_scale)
+                new = convert_layer(model, name, w_cfg, use_learned_scale,
+                                    hessians.pop(name, None))
                 report.layers.append(LayerReport(name, list(w.shape),
                                                  _rel_error(new, w)))
             if not qwt:

@@ -8,6 +8,7 @@ from .errors import NonFiniteError
 from .functional import (choose_qparams, fake_quantize, fake_quantize_log2,
                          fake_quantize_lsq, log2_dequantize, log2_quantize,
                          quantize, search_weight_scale)
+from .gptq import gptq_codes
 from .int4 import pack_int4, unpack_int4
 from .kernels import lsq_conv2d, lsq_linear, quant_attention
 from .modules import (IntQConv2d, IntQLinear, QConv2d, QLinear,
@@ -24,7 +25,7 @@ __all__ = [
     'QuantConfig', 'WeightQuantConfig', 'choose_qparams', 'fake_quantize',
     'fake_quantize_lsq', 'fake_quantize_log2', 'log2_quantize',
     'log2_dequantize', 'lsq_linear', 'lsq_conv2d', 'quant_attention',
-    'quantize', 'search_weight_scale',
+    'quantize', 'search_weight_scale', 'gptq_codes',
     'pack_int4', 'unpack_int4', 'QLinear', 'QConv2d', 'IntQLinear',
     'IntQConv2d', 'fold_and_quantize_weight', 'set_int_gemm', 'to_integer', 'MinMaxObserver',
     'MSEObserver',

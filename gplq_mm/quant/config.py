@@ -6,6 +6,7 @@ GRANULARITIES = ('per_tensor', 'per_channel', 'per_token')
 OBSERVERS = ('minmax', 'percentile', 'mse', 'repq')
 KINDS = ('uniform', 'log2')
 FOLDS = ('pow2', 'full')
+ROUNDINGS = ('nearest', 'gptq')
 
 
 @dataclass
@@ -153,6 +154,16 @@ class WeightQuantConfig:
             each weight row's range (measured on DINOv2-S: docs/ablation.md).
         max_shift: Largest shift of ``fold='pow2'`` (4: the shifted codes fit
             int8, uint8 for an unsigned grid).
+        rounding: How the codes are chosen on the searched grid.
+            ``nearest``: each entry to its nearest code.  ``gptq``: GPTQ
+            (:mod:`.gptq`) against the Gram matrix of the layer's calibration
+            inputs, for Linear layers that get one (stage 2 collects it; see
+            ``gptq_max_columns``); others round to nearest.  Same grid, same
+            integer layers.
+        gptq_damp: GPTQ's diagonal damping, a fraction of the mean diagonal.
+        gptq_max_columns: Linear layers with more inputs than this round to
+            nearest (their ``[K, K]`` float64 Gram matrix would cost
+            ``8 K^2`` bytes: a Mask R-CNN RoI head's 12544-input FC 1.2 GB).
     """
 
     bits: int = 4
@@ -163,6 +174,9 @@ class WeightQuantConfig:
     learnable: bool = False
     fold: str = 'pow2'
     max_shift: int = 4
+    rounding: str = 'nearest'
+    gptq_damp: float = 0.01
+    gptq_max_columns: int = 4096
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -181,6 +195,12 @@ class WeightQuantConfig:
                 self.max_shift, int) or not 0 <= self.max_shift <= 12:
             raise ValueError(f'max_shift={self.max_shift!r} must be an int '
                              'from 0 to 12 (4: shifted 4-bit codes fit int8).')
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f'rounding={self.rounding!r} is unknown: use '
+                             '"nearest" or "gptq".')
+        if not self.gptq_damp > 0 or self.gptq_max_columns < 1:
+            raise ValueError(f'gptq_damp={self.gptq_damp} must be > 0 and '
+                             f'gptq_max_columns={self.gptq_max_columns} >= 1.')
         if not 0.0 < self.min_ratio <= 1.0 or self.num_candidates < 1:
             raise ValueError('min_ratio must be in (0, 1] and num_candidates '
                              f'>= 1, got {self.min_ratio}, '

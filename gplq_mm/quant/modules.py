@@ -27,6 +27,7 @@ from . import onnx_ops
 from .int4 import pack_int4, unpack_int4_float
 from .kernels import lsq_conv2d, lsq_linear
 from .config import QuantConfig, WeightQuantConfig
+from .gptq import gptq_codes
 from .quantizer import ActQuantizer, QState, WeightQuantizer
 
 
@@ -198,7 +199,8 @@ def _folded_fake_weight(mod) -> Tensor:
 
 def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
                              cfg: WeightQuantConfig,
-                             scale: Optional[Tensor] = None):
+                             scale: Optional[Tensor] = None,
+                             hessian: Optional[Tensor] = None):
     """Fold the per-input-channel activation scale into ``weight`` and quantize.
 
     Args:
@@ -210,6 +212,11 @@ def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
             ``2^shift``, shifts the activation codes).
         scale: A per-output-channel scale to use instead of searching one
             (e.g. learned by the direct-QAT baseline on the folded weight).
+        hessian: ``[K, K]`` Gram matrix of the integer layer's inputs
+            (shifted codes ``Xc * 2^e``, K = weight[0].numel()); with
+            ``cfg.rounding='gptq'`` the codes on the grid are chosen by GPTQ
+            against it (:func:`gplq_mm.quant.gptq.gptq_codes`), otherwise
+            ignored.
 
     Returns:
         ``(codes, scale, shift)``: integer codes (float tensor, same shape as
@@ -228,9 +235,29 @@ def fold_and_quantize_weight(weight: Tensor, act_scale: Tensor,
                                        cfg.min_ratio, n)
     else:
         scale = scale.detach().float().clamp_min(QF.MIN_SCALE)
-    codes = QF.quantize(folded, QF.scale_view(scale, folded.ndim, 0), cfg.qmin,
-                        cfg.qmax)
+    if hessian is not None and cfg.rounding == 'gptq':
+        codes = gptq_codes(folded.reshape(folded.shape[0], -1), hessian, scale,
+                           cfg.qmin, cfg.qmax, cfg.gptq_damp
+                           ).reshape(folded.shape)
+    else:
+        codes = QF.quantize(folded, QF.scale_view(scale, folded.ndim, 0),
+                            cfg.qmin, cfg.qmax)
     return codes, scale, shift
+
+
+def integer_layer_input(mod: nn.Module, x: Tensor,
+                        cfg: WeightQuantConfig) -> Tensor:
+    """What the integer form of the calibrated QLinear ``mod`` will multiply
+    for the input ``x``: the activation codes shifted left by the ``e`` of
+    ``cfg.fold`` (the ``Z`` of ``y = (W diag(t)) Z``; GPTQ's Hessian is
+    ``Z^T Z``).  ``[..., in_features]``, integer-valued floats."""
+    aq = mod.act_quant
+    z = aq.codes(x)
+    if cfg.fold == 'pow2':
+        s = aq.scale.detach().float().clamp_min(QF.MIN_SCALE)  # as above
+        e = QF.split_pow2(s, cfg.max_shift)[1]
+        z = z.mul_(QF.scale_view(torch.exp2(e), z.ndim, aq.cfg.axis))
+    return z
 
 
 class _IntWeightMixin:
@@ -411,7 +438,8 @@ class IntQConv2d(_IntWeightMixin, nn.Module):
 
 
 def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
-               use_learned_scale: bool = False):
+               use_learned_scale: bool = False,
+               hessian: Optional[Tensor] = None):
     """Convert a calibrated :class:`QLinear`/:class:`QConv2d` to its integer form.
 
     The activation quantizer (scale, state) is carried over; the weight is
@@ -420,6 +448,7 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
     searched clipping range or, with ``use_learned_scale``, the scale the
     layer's weight quantizer learned (direct-QAT baseline: then the integer
     layer computes exactly what the trained fake-quant layer computed).
+    ``hessian``: see :func:`fold_and_quantize_weight` (GPTQ rounding).
     """
     aq = mod.act_quant
     if aq is None or not bool(aq.initialized):
@@ -427,6 +456,10 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
                            'before the weights are quantized (stage 1 first).')
     aq._no_zero_point('an integer layer')
     learned = None
+    if use_learned_scale and hessian is not None:
+        raise ValueError(f'{name}: use_learned_scale converts the trained '
+                         'codes exactly; GPTQ (hessian) would change them. '
+                         'Pass one or the other.')
     if use_learned_scale:
         wq = mod.weight_quant
         if wq is None or not bool(wq.initialized):
@@ -449,7 +482,7 @@ def to_integer(mod: nn.Module, w_cfg: WeightQuantConfig, name: str = '',
         raise TypeError(f'{name}: cannot convert {type(mod).__name__}')
     out.act_quant.load_state_dict(aq.state_dict())
     codes, scale, e = fold_and_quantize_weight(mod.weight, aq.scale, w_cfg,
-                                               learned)
+                                               learned, hessian)
     out.set_weight_codes(codes, scale, e)
     if mod.bias is not None:
         out.bias.data.copy_(mod.bias.detach())

@@ -409,3 +409,57 @@ def test_spill_directory_is_removed_on_error(cls_case, tmp_path):
         cls_case.convert(lam=10.0, cache_bytes=0, spill_dir=str(spill),
                          batch_ids=list(range(len(cls_case.batches) + 1)))
     assert list(spill.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# GPTQ rounding (WeightQuantConfig.rounding='gptq')
+# --------------------------------------------------------------------------
+def _convert_with(case, w_cfg, full: bool):
+    """(converted copy, log lines): weight_ptq without QwT; GPTQ's Hessians
+    from a forward of the whole model (``full``) or of nothing."""
+    from gplq_mm.ptq.weight_ptq import weight_ptq
+    model = copy.deepcopy(case.model)
+
+    def run_all(batch):
+        data = model.data_preprocessor(batch, False)
+        model(**data, mode='tensor')
+
+    logs = []
+    weight_ptq(model.model, lambda: case.batches, case.backbone_runner(model),
+               w_cfg, qwt=False, logger=logs.append,
+               full_run=run_all if full else (lambda batch: None))
+    return model, logs
+
+
+@pytest.mark.parametrize('case_name', CASES)
+def test_gptq_rounding_same_grid_other_codes(request, case_name):
+    """rounding='gptq': every Linear that the full forward reaches (the
+    classifier head and the RoI head's FCs too) gets GPTQ codes on the grid
+    nearest rounding uses; Conv2d layers round to nearest, as logged; with no
+    calibration input the rounding is nearest everywhere, as logged."""
+    case = request.getfixturevalue(f'{case_name}_case')
+    near, _ = _convert_with(case, WeightQuantConfig(), True)
+    gptq, logs = _convert_with(case, WeightQuantConfig(rounding='gptq'), True)
+    blind, blind_logs = _convert_with(case, WeightQuantConfig(
+        rounding='gptq'), False)
+    n_int, g_int = integer_layers(near.model), integer_layers(gptq.model)
+    assert sorted(n_int) == sorted(g_int)
+    linear = [n for n, m in n_int.items() if isinstance(m, IntQLinear)]
+    differ = []
+    for name, a in n_int.items():
+        b = g_int[name]
+        assert torch.equal(a.weight_scale, b.weight_scale), name
+        if isinstance(a, IntQConv2d):
+            assert torch.equal(a.weight_packed, b.weight_packed), name
+        elif not torch.equal(a.weight_packed, b.weight_packed):
+            differ.append(name)
+    heads = [n for n in linear if n.startswith(('head', 'roi_head'))]
+    assert heads and set(heads) <= set(differ), (heads, differ)
+    assert len(differ) >= 0.8 * len(linear), (differ, linear)
+    assert any(f'GPTQ: input Gram matrices of {len(linear)} Linear layers' in m
+               for m in logs), logs
+    if len(linear) < len(n_int):  # the detector's convolutions
+        assert any('layers round to nearest (Conv2d' in m for m in logs), logs
+    for name, m in integer_layers(blind.model).items():
+        assert torch.equal(m.weight_packed, n_int[name].weight_packed), name
+    assert any('GPTQ: no calibration input reached' in m for m in blind_logs)

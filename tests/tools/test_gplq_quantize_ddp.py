@@ -5,9 +5,12 @@ torch.distributed.run --nproc_per_node 2`` against the same command in one
 process, on the micro models of ``tests/configs`` (checkpoints from
 ``tests/tools/conftest.py``):
 
-* detector, ``--method gplq``: QwT sums all-reduced over the processes;
-* classifier, ``--method repq``: activation statistics (percentile
-  histograms) all-reduced as well, then QwT.
+* detector, ``--method gplq`` (GPTQ rounding, the default): GPTQ's input
+  Gram matrices (sums of integer products: exact whatever the order, so the
+  codes must be equal) and the QwT sums all-reduced over the processes;
+* classifier, ``--method repq --weight-rounding nearest``: activation
+  statistics (percentile histograms) all-reduced as well, then QwT (with
+  nearest rounding the compensations are kept, so they are compared too).
 
 The calibration subset is cut into global batches (batch ``g`` on rank
 ``g % 2``; held out for QwT iff ``g`` is odd), so both runs fit on the same
@@ -73,7 +76,8 @@ CASES = {
     # (lambda 10: with 8 images of 17 tokens the default fit over-fits and
     # is never kept; this keeps it, so the compensations are compared too)
     'cls-repq': ('cls', 'plain_cfg', 'fp32_ckpt',
-                 ['--method', 'repq', '--qwt-lambda', 10]),
+                 ['--method', 'repq', '--qwt-lambda', 10,
+                  '--weight-rounding', 'nearest']),
 }
 
 
@@ -96,6 +100,8 @@ def test_two_processes_equal_one(runs, arch, tmp_path, case):
             f'{stem}.{ext}' for ext in ('py', 'pth', 'json', 'log')), tail(proc)
         log = (out / f'{stem}.log').read_text()
         assert f'{4 // nproc} batches on rank 0' in log, log[-2000:]
+        assert ('GPTQ: input Gram matrices of' in log) == \
+            ('nearest' not in extra), log[-2000:]
         res[nproc] = (
             torch.load(str(out / f'{stem}.pth'), map_location='cpu',
                        weights_only=True),
